@@ -1,0 +1,26 @@
+# Diff-Cleanse benchmark workflow: zoo -> inversion -> detection -> removal -> evaluation -> report.
+# Run: snakemake --cores 2            (embedded default config.yaml)
+#      snakemake --profile slurm --configfile config/paper.yaml
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model=_alternatives(MODEL_IDS),
+
+
+include: "workflow/rules/models.smk"
+include: "workflow/rules/gallery.smk"
+
+
+rule all:
+    input:
+        get_final_output(),
+    default_target: True

@@ -1,0 +1,159 @@
+"""Datasets as tensors of shape (N, 3, H, W) with values in [-1, 1].
+
+The bundled digits (``sklearn.datasets.load_digits``, 1,797 real 8x8 scans) need no download and
+are the offline default. CIFAR-10, MNIST and CelebA go through torchvision, CelebA-HQ and any other
+set through an image folder; none of them is downloaded unless ``download=True`` is asked for, and a
+missing copy gives an error that says where the loader looked and how to point it at a local copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+KNOWN = ("digits", "mnist", "cifar10", "celeba", "celebahq")
+
+
+class DatasetUnavailable(RuntimeError):
+    """A dataset is not on disk (and was not to be downloaded)."""
+
+
+def to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Resize (N, C, h, w) images in [0, 1] to ``image_size`` with 3 channels, values in [-1, 1]."""
+    if images.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 4:
+        x = x[:, :3]
+    if x.shape[-2:] != (image_size, image_size):
+        down = image_size < min(x.shape[-2:])
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=down
+        )
+    return (x.clamp(0, 1) * 2 - 1).contiguous()
+
+
+def load_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,797 bundled sklearn digits, resized; returns (images, labels)."""
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    imgs = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    return to_model_range(imgs, image_size), torch.from_numpy(d.target.astype(np.int64))
+
+
+def load_folder(folder: str | Path, image_size: int, limit: int | None = None) -> torch.Tensor:
+    """Every image in a folder (recursively, sorted by path), centre-cropped to a square."""
+    from PIL import Image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetUnavailable(
+            f"image folder {root} does not exist: set the dataset to "
+            f"folder:<path> with a directory of .png/.jpg files"
+        )
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetUnavailable(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    files = files[:limit] if limit else files
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s)).resize(
+                (image_size, image_size), Image.Resampling.BICUBIC
+            )
+            out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return to_model_range(torch.stack(out), image_size)
+
+
+def _torchvision(name: str, root: Path, download: bool):
+    import torchvision.datasets as tvd
+
+    where = root / name
+    try:
+        if name == "cifar10":
+            return tvd.CIFAR10(str(where), train=True, download=download)
+        if name == "mnist":
+            return tvd.MNIST(str(where), train=True, download=download)
+        if name == "celeba":
+            return tvd.CelebA(str(where), split="train", download=download)
+    except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetUnavailable(
+            f"{name} is not under {where} ({err}). This machine may have no internet: download it "
+            f"where there is (torchvision.datasets.{_TV_NAMES[name]}('{where}', download=True)) "
+            f"and "
+            f"copy it here, or set config key data.root to the folder that holds '{name}/', or set "
+            f"data.download: true on a machine with internet."
+        ) from err
+    raise ValueError(name)
+
+
+_TV_NAMES = {"cifar10": "CIFAR10", "mnist": "MNIST", "celeba": "CelebA"}
+
+
+def load_dataset(
+    name: str,
+    image_size: int,
+    root: str | Path = "data",
+    *,
+    limit: int | None = None,
+    download: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Load a dataset by manifest name; returns (images in [-1, 1], labels or None).
+
+    ``name`` is one of ``digits``, ``mnist``, ``cifar10``, ``celeba``, ``celebahq`` or
+    ``folder:<path>``. ``limit`` keeps the first N images (deterministic).
+    """
+    root = Path(root)
+    if name == "digits":
+        x, y = load_digits(image_size)
+    elif name.startswith("folder:"):
+        return load_folder(name.removeprefix("folder:"), image_size, limit), None
+    elif name == "celebahq":
+        where = root / "celebahq"
+        if not where.is_dir():
+            raise DatasetUnavailable(
+                f"CelebA-HQ has no torchvision loader: put its images under {where} (any layout of "
+                f".jpg/.png files) or use dataset folder:<path>; set data.root to move the root."
+            )
+        return load_folder(where, image_size, limit), None
+    elif name in ("cifar10", "mnist", "celeba"):
+        ds = _torchvision(name, root, download)
+        n = len(ds) if limit is None else min(limit, len(ds))
+        if name == "celeba":
+            imgs, labels = [], None
+            for i in range(n):
+                im = ds[i][0]
+                s = min(im.size)
+                im = im.crop(
+                    (
+                        (im.width - s) // 2,
+                        (im.height - s) // 2,
+                        (im.width + s) // 2,
+                        (im.height + s) // 2,
+                    )
+                )
+                imgs.append(
+                    torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+                )
+            return to_model_range(torch.stack(imgs), image_size), labels
+        data = torch.as_tensor(np.asarray(ds.data[:n]))
+        data = data[:, None] if data.ndim == 3 else data.permute(0, 3, 1, 2)
+        labels = torch.as_tensor(np.asarray(ds.targets[:n]), dtype=torch.int64)
+        return to_model_range(data.float() / 255.0, image_size), labels
+    else:
+        raise ValueError(
+            f"unknown dataset {name!r}: use one of {', '.join(KNOWN)} or folder:<path>"
+        )
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return x, y

@@ -1,0 +1,86 @@
+"""Output records and atomic writes: every file a stage makes appears whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffcleanse import __version__
+
+
+def derive_seed(base_seed: int, *parts: object) -> int:
+    """A 63-bit seed from the config's seed and any identifying parts (model id, stage name)."""
+    text = "\x1f".join([str(int(base_seed)), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able parameter dict (used to refuse a stale checkpoint)."""
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
+
+    Works for files and directories. On error the temporary path is removed and ``path`` is left
+    untouched, so a killed or failing job never leaves a half-written output behind.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        if not target.exists():
+            raise FileNotFoundError(f"nothing was written to {target} for {final}")
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists():
+            final.unlink()
+        os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write JSON atomically (sorted keys, indented)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def make_record(
+    stage: str, params: dict[str, Any], seed: int | None, seconds: float, **values: Any
+) -> dict[str, Any]:
+    """A stage's output record: its values plus what made them (params, version, seed, seconds)."""
+    return {
+        "stage": stage,
+        **values,
+        "params": params,
+        "seed": seed,
+        "seconds": round(float(seconds), 3),
+        "diffcleanse_version": __version__,
+        "created_unix": int(time.time()),
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,80 @@
+"""Shared test set-up: offline hub, few threads, and small helpers."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub call would otherwise retry for ~46 s
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_unet():
+    """A small untrained UNet at 8x8 (fast enough for unit tests)."""
+    from diffcleanse import models
+
+    torch.manual_seed(0)
+    return models.build_unet(8, (8, 16), attention=True, norm_num_groups=4, attention_head_dim=4)
+
+
+# A tiny zoo trained once per test session (and cached between sessions under .pytest_cache, keyed
+# by the recipe, so repeated local runs are fast; CI starts from nothing). 8x8 digits, 50 timesteps.
+TINY_RECIPE = {
+    "image_size": 8,
+    "num_train_timesteps": 50,
+    "channels": (16, 32),
+    "steps": 2000,
+    "lr": 2e-3,
+    "batch_size": 32,
+    "trigger": "stop_14",
+    "target": "hat",
+    "poison_rate": 0.3,
+}
+
+
+def _train_tiny(out, attacked: bool, seed: int):
+    from diffcleanse import attacks, data, models, patterns, training
+
+    r = TINY_RECIPE
+    x, _ = data.load_digits(r["image_size"])
+    sched = models.build_scheduler(r["num_train_timesteps"])
+    torch.manual_seed(seed)
+    unet = models.build_unet(
+        r["image_size"], r["channels"], attention=True, norm_num_groups=4, attention_head_dim=4
+    )
+    spec = None
+    if attacked:
+        spec = attacks.BackdoorSpec(
+            patterns.render_trigger(r["trigger"], r["image_size"]),
+            patterns.render_target(r["target"], r["image_size"]),
+            r["poison_rate"],
+        )
+    cfg = training.TrainConfig(
+        steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], warmup_steps=50, seed=seed
+    )
+    ema, _ = training.train(unet, sched, x, cfg, attack=spec, progress=False)
+    models.save_model(ema, sched, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(request):
+    """Paths of a briefly trained clean model and a BadDiffusion model (stop_14 -> hat), plus the
+    recipe: ``{"clean": Path, "backdoored": Path, "recipe": dict}``."""
+    import json
+
+    from diffcleanse.records import params_hash
+
+    root = request.config.cache.mkdir(f"tiny-zoo-{params_hash(TINY_RECIPE)}")
+    out = {"recipe": dict(TINY_RECIPE)}
+    for name, attacked, seed in (("clean", False, 0), ("backdoored", True, 1)):
+        d = root / name
+        if not (d / "unet" / "config.json").is_file():
+            import shutil
+
+            shutil.rmtree(d, ignore_errors=True)
+            _train_tiny(d, attacked, seed)
+            (root / f"{name}.json").write_text(json.dumps(TINY_RECIPE))
+        out[name] = d
+    return out
