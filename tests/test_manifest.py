@@ -167,7 +167,7 @@ def test_row_to_card_is_json_able() -> None:
     df = load_manifest(CONFIG / "zoo-default.tsv")
     card = row_to_card(df.loc["bd-box-hat"])
     assert json.loads(json.dumps(card)) == card
-    assert card["backdoored"] is True and card["poison_rate"] == 0.5 and card["seed"] == 2
+    assert card["backdoored"] is True and card["poison_rate"] == 0.3 and card["seed"] == 2
     assert type(card["seed"]) is int
 
 
