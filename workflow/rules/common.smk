@@ -48,3 +48,12 @@ def get_train_params(wildcards):
 def get_final_output():
     """The targets of the default target: for now, a gallery figure per model."""
     return expand("results/gallery/{model}.png", model=MODEL_IDS)
+
+
+def memory(base_mb):
+    """A resources callable: ``base_mb`` MB on the first attempt, growing with every retry."""
+
+    def mem_mb(wildcards, attempt):
+        return base_mb * attempt
+
+    return mem_mb

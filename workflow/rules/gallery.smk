@@ -23,7 +23,7 @@ rule gallery:
         "results/benchmarks/gallery/{model}.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=memory(2000),
         runtime=30,
     conda:
         "../../envs/diffcleanse.yaml"

@@ -42,7 +42,7 @@ rule train_model:
         model=_alternatives(TRAINED),
     threads: config["train"]["threads"]
     resources:
-        mem_mb=4000,
+        mem_mb=memory(4000),
         runtime=120,
         gpu=1,
     conda:
