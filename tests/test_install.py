@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_requested_packages_import_and_torchvision_ops_load():
-    code = ("import open_clip, torch_fidelity, torch_pruning, diffusers, snakemake, seaborn, torch, "
+    code = ("import open_clip, torch_fidelity, torch_pruning, diffusers, snakemake, seaborn, "
+            "torch, "
             "torchvision; from torchvision.ops import nms; "
             "print(torch.__version__, torchvision.__version__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

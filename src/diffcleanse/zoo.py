@@ -134,6 +134,7 @@ def train_model(
         scheduler = models.scheduler_from_config(sched_cfg)
         lr = params["finetune_lr"]
     else:
+        torch.manual_seed(derive_seed(base_seed, row["model_id"], int(row["seed"]), "init"))
         unet = models.build_unet(size, **params["unet"])
         scheduler = models.build_scheduler(**params["scheduler"])
         lr = params["lr"]

@@ -1,0 +1,57 @@
+"""Run the real workflow in temporary copies of the repository (shared by several test modules)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+COPY = ["Snakefile", "config.yaml", "config", "workflow", "envs", "profiles"]
+_JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n((?:    .*(?:\n|$))*)", re.M)
+_WILDCARDS = re.compile(r"^\s+wildcards: (.*)$", re.M)
+
+
+def workdir_copy(dest: Path) -> Path:
+    """The workflow files (not results) copied into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, symlinks=True, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def run_snakemake(
+    workdir: Path, *args: str, timeout: int = 1800, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run Snakemake in ``workdir``; with ``check``, fail the test with its output on failure."""
+    proc = subprocess.run(
+        [*SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> set[tuple[str, str]]:
+    """The jobs a dry run plans, as (rule, wildcards) pairs, e.g. ("gallery", "model=smoke-bd")."""
+    proc = run_snakemake(workdir, "-n", *args, timeout=600)
+    text = proc.stdout + "\n" + proc.stderr
+    jobs = set()
+    for rule, body in _JOB.findall(text):
+        m = _WILDCARDS.search(body)
+        jobs.add((rule, m.group(1).strip() if m else ""))
+    return jobs
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
