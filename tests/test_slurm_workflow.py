@@ -1,0 +1,57 @@
+"""The real workflow (smoke config) through the SLURM executor on a real controller.
+
+Needs the local single-node cluster (``bash scripts/slurm-up.sh``; CI starts it); skipped with the
+reason otherwise. Results must match the local smoke run byte for byte where they are
+deterministic (model weights, trigger tensors) and in value where they are records.
+"""
+
+import json
+import re
+
+import pytest
+from slurm_helpers import require_slurm, run_with_profile
+from workflow_helpers import file_digest, workdir_copy
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+GPU_RULE = re.compile(r"^\s+gpu=1,?$", re.M)
+
+
+def test_every_gpu_rule_is_overridden_in_the_cpu_test_profile():
+    """A rule asking for a GPU that the CPU-only test profile does not override would fail at once
+    on a GPU-less node; keep the profile's set-resources in step with the rules."""
+    import yaml
+    from workflow_helpers import REPO
+
+    prof = yaml.safe_load((REPO / "profiles/slurm-cpu-test/config.yaml").read_text())
+    overridden = {r for r, res in prof["set-resources"].items() if res.get("gpu") == 0}
+    gpu_rules = set()
+    for smk in (REPO / "workflow/rules").glob("*.smk"):
+        for block in re.split(r"\n(?=(?:rule|checkpoint) )", smk.read_text()):
+            m = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            if m and GPU_RULE.search(block):
+                gpu_rules.add(m.group(1))
+    assert gpu_rules and gpu_rules <= overridden, gpu_rules - overridden
+
+
+def test_smoke_workflow_through_slurm_matches_the_local_run(smoke_run, tmp_path):
+    require_slurm()
+    wd = workdir_copy(tmp_path / "wd")
+    run = run_with_profile(wd, configfiles=["config/smoke.yaml"], timeout=2400).check()
+    assert len(run.slurm_jobids) >= 4  # every non-local job went through sbatch
+    for model in ("smoke-clean", "smoke-bd"):
+        weights = f"results/models/{model}/model/unet/diffusion_pytorch_model.safetensors"
+        assert file_digest(wd / weights) == file_digest(smoke_run / weights), model
+        a = json.loads((wd / f"results/models/{model}/card.json").read_text())
+        b = json.loads((smoke_run / f"results/models/{model}/card.json").read_text())
+        assert a["attack_check"] == b["attack_check"] and a["seed"] == b["seed"]
+    local = {
+        p.relative_to(smoke_run)
+        for p in (smoke_run / "results").rglob("*")
+        if p.is_file() and "benchmarks" not in p.parts and "logs" not in p.parts
+    }
+    remote = {
+        p.relative_to(wd)
+        for p in (wd / "results").rglob("*")
+        if p.is_file() and "benchmarks" not in p.parts and "logs" not in p.parts
+    }
+    assert local == remote
