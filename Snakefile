@@ -9,6 +9,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 
 
@@ -18,6 +21,9 @@ wildcard_constraints:
 
 include: "workflow/rules/models.smk"
 include: "workflow/rules/gallery.smk"
+include: "workflow/rules/detection.smk"
+include: "workflow/rules/removal.smk"
+include: "workflow/rules/evaluation.smk"
 
 
 rule all:

@@ -78,3 +78,13 @@ def tiny_zoo(request):
             (root / f"{name}.json").write_text(json.dumps(TINY_RECIPE))
         out[name] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One full run of the workflow on config/smoke.yaml, shared by the workflow tests."""
+    from workflow_helpers import run_snakemake, workdir_copy
+
+    wd = workdir_copy(tmp_path_factory.mktemp("smoke"))
+    run_snakemake(wd, "--cores", "2", "--configfile", "config/smoke.yaml")
+    return wd

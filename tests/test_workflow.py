@@ -119,6 +119,60 @@ def test_removal_follows_the_verdicts_when_run_on_flagged(smoke_run):
 
 
 @pytest.mark.slow
+def test_smoke_workflow_evaluates_tabulates_and_reports(smoke_run):
+    # Evaluation records per model state, the paper's tables and figures, and the HTML report.
+    import pandas as pd
+
+    from diffcleanse import tables
+
+    wd = smoke_run
+    ev = wd / "results/evaluation"
+    states = sorted(p.relative_to(ev).as_posix() for p in ev.rglob("metrics.json"))
+    assert "smoke-clean/state~original/metrics.json" in states
+    assert "smoke-bd/state~original/metrics.json" in states
+    assert any("smoke-bd/strategy~diffcleanse/" in s and "state~pruned" in s for s in states)
+    assert any("strategy~diffpruning/" in s and "loss~c/state~finetuned" in s for s in states)
+    for rel in states:
+        rec = json.loads((ev / rel).read_text())
+        assert rec["utility_metric"] == "FD-digits-cls" and rec["utility"] >= 0
+        assert rec["protocol"]["fid_n_samples"] == 32 and rec["protocol"]["mse_threshold"] == 0.01
+        assert (ev / rel).with_name("samples.safetensors").is_file()
+        if rec["model"] == "smoke-bd":
+            assert 0 <= rec["asr_real"] <= 1 and 0 <= rec["asr_inverted"] <= 1
+        else:
+            assert rec["asr_real"] is None
+    t1 = pd.read_csv(wd / "results/tables/table1.csv")
+    keys = list(zip(t1["Attack"], t1["Model"], strict=True))
+    assert keys == [*tables.PAPER_ROWS["table1"], ("BadDiff", "DDPM-D")]
+    assert (t1["BBTI ACC"].iloc[:-1] == tables.NO_MODEL).all()
+    assert t1["Models"].iloc[-1] == "1 clean / 1 bd"
+    t2 = pd.read_csv(wd / "results/tables/table2.csv")
+    mine = t2[t2["Model"] == "DDPM-D"]
+    assert set(mine["State"]) == {"pruned", "fine-tuned (loss_p)"}
+    assert "Diff-Cleanse ΔFD-digits-cls" in t2.columns and "Diff-Pruning ΔASR" in t2.columns
+    for name in ("table1", "table2", "table3", "table4", "table7"):
+        md = (wd / f"results/tables/{name}.md").read_text()
+        assert md.startswith("# Table") and tables.NO_MODEL in md, name
+        if name != "table7":
+            assert "FD-digits-cls" in md and "κ_m = 0.01" in md and "32 clean samples" in md
+    t7 = pd.read_csv(wd / "results/tables/table7.csv").set_index("Attack")
+    assert float(t7.loc["BadDiff", "Training"]) > 0 and float(t7.loc["BadDiff", "BBTI"]) > 0
+    for fig in ("fig4", "fig5", "fig6"):
+        for ext in ("png", "pdf"):
+            assert (wd / f"results/figures/{fig}.{ext}").stat().st_size > 1000
+    for model in ("smoke-clean", "smoke-bd"):
+        assert (wd / f"results/figures/before_after/{model}.png").stat().st_size > 1000
+    run_snakemake(wd, "--report", "report.html", "--configfile", "config/smoke.yaml")
+    html = (wd / "report.html").read_text(errors="replace")
+    assert len(html) > 10_000
+    for text in ("table1.md", "table2.md", "table7.md", "fig4.png", "fig5.png", "smoke-bd.png"):
+        assert text in html, text
+    # the front page names the utility metric (not Inception FID) and the ablations' status
+    assert "FD-&lt;dataset&gt;-cls" in html and "not</em> Inception FID" in html
+    assert "Table 3 (entropy loss) is included" in html
+
+
+@pytest.mark.slow
 def test_unchanged_rerun_does_nothing(smoke_run):
     proc = run_snakemake(smoke_run, "-n", "--configfile", "config/smoke.yaml")
     assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -71,9 +71,18 @@ def build_scheduler(
 
 
 def save_model(unet: UNet2DModel, scheduler, path: str | Path) -> None:
-    """Write ``unet/`` (config + safetensors) and ``scheduler/`` under ``path`` (no pickles)."""
+    """Write ``unet/`` (config + safetensors) and ``scheduler/`` under ``path`` (no pickles).
+
+    A pruned UNet (shapes that its config does not describe) is written in the pruned format of
+    ``diffcleanse.removal.pruned_io`` (config + safetensors + ``pruned_shapes.json``).
+    """
+    from diffcleanse.removal.pruned_io import pruned_shapes, save_pruned_unet
+
     path = Path(path)
-    unet.save_pretrained(path / "unet", safe_serialization=True)
+    if pruned_shapes(unet):
+        save_pruned_unet(unet, path / "unet")
+    else:
+        unet.save_pretrained(path / "unet", safe_serialization=True)
     scheduler.save_pretrained(path / "scheduler")
 
 
@@ -169,8 +178,8 @@ def load_model(
     """Load (unet, scheduler config dict) from a local directory in either layout.
 
     Refuses pickle-only weights (see module doc), a channel count other than ``expected_channels``,
-    and weights that are not finite. Pruned models (with a ``pruned_shapes`` file) are rebuilt to
-    their saved shapes by ``diffcleanse.removal`` (see its ``load_pruned``).
+    and weights that are not finite. Pruned models (with ``unet/pruned_shapes.json``) are rebuilt
+    to their saved shapes by ``diffcleanse.removal.pruned_io.load_pruned_unet``.
     """
     path = Path(path)
     if not path.exists():
@@ -178,10 +187,15 @@ def load_model(
     unet_dir, sched_file = _layout(path)
     use_st = _check_weights(unet_dir, allow_pickle)
     try:
-        unet = UNet2DModel.from_pretrained(
-            unet_dir, use_safetensors=use_st, low_cpu_mem_usage=False
-        )
-    except (OSError, ValueError, RuntimeError) as err:
+        if (unet_dir / "pruned_shapes.json").is_file():
+            from diffcleanse.removal.pruned_io import load_pruned_unet
+
+            unet = load_pruned_unet(unet_dir)
+        else:
+            unet = UNet2DModel.from_pretrained(
+                unet_dir, use_safetensors=use_st, low_cpu_mem_usage=False
+            )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelLoadError(f"could not load a UNet2DModel from {unet_dir}: {err}") from err
     sched_cfg = json.loads(sched_file.read_text())
     if expected_channels is not None and unet.config.in_channels != expected_channels:

@@ -89,3 +89,202 @@ def model_gallery(
         f"{spec.name} {steps or 'all'} steps, clip_sample={spec.clip_sample}"
     )
     image_rows([("clean noise", clean), (label, bd)], title, out_png, extras)
+
+
+# ---- evaluation figures (paper Figs. 4, 5, 6 and 11-13) ----------------------------------------
+
+
+def save_figure(fig, paths: list[str | Path] | tuple[str | Path, ...]) -> None:
+    """Save a matplotlib figure atomically to every path (format from the suffix), then close it."""
+    for p in paths:
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, dpi=150, format=Path(p).suffix.lstrip(".") or "png",
+                        bbox_inches="tight")
+    plt.close(fig)
+
+
+def _note_figure(text: str, title: str, paths) -> None:
+    """A placeholder figure that says why there is nothing to plot."""
+    fig, ax = plt.subplots(figsize=(5, 2.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, paths)
+
+
+def entropy_sets(
+    datasets: list[tuple[str, int]],
+    *,
+    data_root: str = "data",
+    n_images: int | None = 2000,
+    n_random: int = 2000,
+    bins: int = 4096,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Per-image entropies (bits) of each (dataset, size) and of Gaussian noise at each size.
+
+    Returns ({label: entropies}, {label: reason}) where the second lists datasets that could not
+    be loaded (not on disk here) instead of failing.
+    """
+    from diffcleanse import data
+    from diffcleanse.evaluation import entropy_values
+
+    values: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
+    for name, size in datasets:
+        label = f"{name}@{size}"
+        try:
+            x, _ = data.load_dataset(name, size, data_root, limit=n_images)
+        except (data.DatasetUnavailable, ValueError) as err:
+            skipped[label] = str(err).split(".")[0]
+            continue
+        values[label] = entropy_values(x, bins)
+    for size in sorted({s for _, s in datasets}):
+        g = torch.Generator().manual_seed(derive_seed(seed, "fig4", size))
+        noise = torch.randn((n_random, 3, size, size), generator=g)
+        values[f"random@{size}"] = entropy_values(noise, bins)
+    return values, skipped
+
+
+def entropy_boxplot(
+    values: dict[str, torch.Tensor],
+    paths,
+    *,
+    kappa_minus: float | None = None,
+    kappa_plus: float | None = None,
+    note: str = "",
+) -> None:
+    """Fig. 4: boxplot of image entropy per dataset, with random noise, and the ℓ_e band."""
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.concat(
+        [pd.DataFrame({"set": k, "entropy (bits)": v.numpy()}) for k, v in values.items()],
+        ignore_index=True,
+    )
+    fig, ax = plt.subplots(figsize=(1.3 * len(values) + 2.5, 3.6))
+    sns.boxplot(data=df, x="set", y="entropy (bits)", hue="set", ax=ax, fliersize=1,
+                palette="deep", legend=False)
+    for k, ls in ((kappa_minus, ":"), (kappa_plus, "--")):
+        if k is not None:
+            ax.axhline(k, color="0.3", ls=ls, lw=1)
+    if kappa_minus is not None and kappa_plus is not None:
+        ax.text(1.01, kappa_plus, f"κ+ = {kappa_plus:g}", transform=ax.get_yaxis_transform(),
+                fontsize=7, va="center")
+        ax.text(1.01, kappa_minus, f"κ- = {kappa_minus:g}", transform=ax.get_yaxis_transform(),
+                fontsize=7, va="center")
+    ax.set_xlabel("")
+    ax.set_title("Image entropy per dataset (Fig. 4)" + (f"\n{note}" if note else ""), fontsize=9)
+    save_figure(fig, paths)
+
+
+def mscr_vs_asr(evaluations, verdicts, paths) -> int:
+    """Fig. 5: MSCR of the inverted trigger vs real-trigger ASR after pruning, one point per
+    backdoored model and pruning setting. Returns the number of points plotted."""
+    import seaborn as sns
+
+    ev = evaluations[(evaluations["state"] == "pruned") & evaluations["backdoored"].astype(bool)]
+    v = verdicts[verdicts["method"] == "bbti"].set_index("model")["mscr"]
+    df = ev.assign(MSCR=ev["model"].map(v)).dropna(subset=["MSCR", "asr_real"])
+    title = "MSCR of the inverted trigger vs ASR (real trigger) after pruning (Fig. 5)"
+    if df.empty:
+        _note_figure("No backdoored model was pruned in this run\n(nothing to plot).", title, paths)
+        return 0
+    df = df.assign(strategy=df["strategy"].map(lambda s: {"diffcleanse": "Diff-Cleanse",
+                                                          "diffpruning": "Diff-Pruning"}.get(s, s)),
+                   ratio=df["ratio"].astype(str))
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    sns.scatterplot(data=df, x="MSCR", y="asr_real", hue="strategy", style="ratio", s=50, ax=ax)
+    if len(df) <= 24:
+        for _, r in df.iterrows():
+            ax.annotate(r["model"], (r["MSCR"], r["asr_real"]), fontsize=6, alpha=0.7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylabel("ASR after pruning (real trigger)")
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, paths)
+    return len(df)
+
+
+def threshold_figure(records, paths) -> int:
+    """Fig. 6: Diff-Cleanse with different gradient-accumulation thresholds T: ASR (real trigger)
+    and Δutility after pruning, per model. Returns the number of points plotted."""
+    import seaborn as sns
+
+    title = "Diff-Cleanse with different thresholds T (Fig. 6)"
+    if records.empty:
+        _note_figure("The T ablation was not configured (evaluation.ablation.t_thresholds).",
+                     title, paths)
+        return 0
+    metric = records["utility_metric"].dropna().iloc[0]
+    x, xlabel = "value", "T as a fraction of the schedule"
+    if "T" in records and records["T"].notna().all():
+        n = records["num_train_timesteps"].dropna().unique()
+        x, xlabel = "T", f"T (of {int(n[0])} timesteps)" if len(n) == 1 else "T"
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    sns.lineplot(data=records, x=x, y="asr_real", hue="model", marker="o", ax=axes[0])
+    sns.lineplot(data=records, x=x, y="delta_utility", hue="model", marker="o", ax=axes[1],
+                 legend=False)
+    axes[0].set_ylim(-0.03, 1.03)
+    for ax in axes:
+        ax.set_xlabel(f"{xlabel}; gradients from t > T")
+    axes[0].set_ylabel("ASR after pruning (real trigger)")
+    axes[1].set_ylabel(f"Δ{metric} after pruning")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    save_figure(fig, paths)
+    return len(records)
+
+
+def before_after(
+    before_record: str | Path,
+    before_samples: str | Path,
+    out_png: str | Path,
+    *,
+    after_record: str | Path | None = None,
+    after_samples: str | Path | None = None,
+    note: str = "",
+) -> None:
+    """Figs. 11-13: clean and backdoor samples (real trigger) of a model before and after removal.
+
+    Reads the samples and records of ``evaluation.evaluate_model``; without an after state, the
+    figure shows the original model and says why (``note``)."""
+    from safetensors.torch import load_file
+
+    rec = read_json(before_record)
+    before = load_file(str(before_samples))
+    rows = [("(a) clean noise,\nbefore", before["clean"])]
+    if "backdoor_real" in before:
+        rows.append(("(b) noise + trigger,\nbefore", before["backdoor_real"]))
+    title = (f"{rec['model']}: {rec['attack']} ({rec['trigger']} -> {rec['target']})"
+             if rec.get("backdoored") else f"{rec['model']}: clean model (no attack)")
+    u = rec["utility_metric"]
+    line = f"before: {u} {rec['utility']:.3f}" + (
+        f", ASR {rec['asr_real']:.2f}" if rec.get("asr_real") is not None else "")
+    if after_record and after_samples:
+        arec = read_json(after_record)
+        after = load_file(str(after_samples))
+        rows.append(("(c) clean noise,\nafter", after["clean"]))
+        if "backdoor_real" in after:
+            rows.append(("(d) noise + trigger,\nafter", after["backdoor_real"]))
+        line += (f" | after ({arec['strategy']} {arec['ratio']}, {arec['state']}"
+                 f"{', loss_' + arec['loss'] if arec.get('loss') else ''}): {u} "
+                 f"{arec['utility']:.3f}")
+        if arec.get("asr_real") is not None:
+            line += f", ASR {arec['asr_real']:.2f}"
+    elif note:
+        line += f" | {note}"
+    p = rec["protocol"]
+    title += (f"\n{line}\nclean: {p['fid_sampler']} {p['fid_steps'] or 'all'} steps; backdoor: "
+              f"{p['asr_sampler']} {p['asr_steps'] or 'all'} steps, κ_m={p['mse_threshold']}")
+    extras = []
+    if rec.get("backdoored"):
+        size = int(rec["image_size"])
+        trig = patterns.render_trigger(rec["trigger"], size)
+        shown = patterns.stamp(torch.full_like(trig, -1), trig)
+        extras.append((f"trigger {rec['trigger']}", shown))
+        if rec.get("target_kind") == "image":
+            extras.append((f"target {rec['target']}",
+                           patterns.render_target(rec["target"], size, rec["trigger"])))
+    image_rows(rows, title, out_png, extras)

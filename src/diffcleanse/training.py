@@ -103,14 +103,19 @@ def train(
     device: str | torch.device = "cpu",
     progress: bool = True,
     stop_after: int | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``unet`` on ``data`` (N, 3, H, W in [-1, 1]); returns (EMA model, history).
 
     With ``attack`` each sample is poisoned with probability ``attack.poison_rate`` (BadDiffusion).
     ``stop_after`` ends the run early after that global step (for tests of resume); the checkpoint
-    then holds the state to continue from.
+    then holds the state to continue from. With ``teacher`` (a frozen reference model) the loss
+    adds ``||eps_model(x_t, t) - eps_teacher(x_t, t)||^2`` on the same ``x_t`` (Diff-Cleanse's
+    loss_b, so the loss is loss_p = loss_c + loss_b); without it the loop is unchanged.
     """
     device = torch.device(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
     model = unet.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -142,7 +147,12 @@ def train(
         )
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        loss = torch.nn.functional.mse_loss(model(x_t, t.to(device)).sample, target)
+        pred = model(x_t, t.to(device)).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        if teacher is not None:
+            with torch.no_grad():
+                ref = teacher(x_t, t.to(device)).sample
+            loss = loss + torch.nn.functional.mse_loss(pred, ref)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

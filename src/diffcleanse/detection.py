@@ -1,0 +1,295 @@
+"""Backdoor detection from an inverted trigger: MSCR (Eq. 5), the BBTI losses (Eqs. 2-4), verdicts.
+
+**MSCR, the exact definition used here.** The paper's Eq. 5 counts "pairs with cosine > κ" over
+``|Z|``, which is not a ratio in [0, 1] as written. We read it as its name says, *Max Similarity
+Cluster Ratio*: build the graph whose nodes are the N embeddings and whose edges join two embeddings
+with cosine similarity strictly greater than κ; a *cluster* is a set of mutually similar embeddings
+(a clique of that graph; every embedding is similar to itself); MSCR is the size of the largest
+cluster divided by N. So N identical embeddings give 1, N mutually orthogonal ones give 1/N, and a
+planted group of k near-identical embeddings among dissimilar ones gives k/N. The largest clique is
+found exactly (branch and bound over bit sets; instant for the batch sizes used, N <= a few hundred,
+since the graphs met here are either dense with one big clique or sparse). A model is flagged when
+MSCR >= κ_d.
+
+**Entropy term.** ``image_entropy`` is the Shannon entropy in bits of one image's pixel values (all
+channels together) over ``bins`` equal bins on [-1, 1] (values outside fall into the edge bins), as
+``skimage.measure.shannon_entropy`` computes it on a quantised image; its gradient is that of the
+same entropy with linear (triangular-kernel) soft binning (a straight-through estimator). Its
+maximum is log2(min(bins, 3*H*W)). Measured with the default 4,096 bins: a constant image scores
+0; real digits 2.0-3.2 bits at 8 px and 4.3-6.5 at 16 px; the hat target 4.0 / 3.7; Gaussian noise
+6.0 / 7.3 and uniform noise 7.5 / 9.4 (caps 7.6 / 9.6). So the paper's band κ- = 0.1 .. κ+ = 8.5
+rules out flat colours at every size but noise only from 16 px up (uniform) or 32 px (Gaussian):
+on tiny images the lower bound does the work.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+KAPPA = 0.9  # cosine threshold for image targets (paper: D2I)
+KAPPA_CLASS = 0.75  # for class targets (paper: Din/Dout)
+KAPPA_D = 0.5  # MSCR at or above which a model is flagged
+KAPPA_MINUS, KAPPA_PLUS = 0.1, 8.5  # entropy band of Eq. 3, in bits
+TARGET_KINDS = ("image", "class")
+
+
+@dataclass(frozen=True)
+class DetectionSpec:
+    """Thresholds of the verdict. ``target_kind`` picks the cosine threshold: ``image`` uses κ
+    (single-image targets), ``class`` uses κ_class (class targets; looser, so it flags more)."""
+
+    kappa: float = KAPPA
+    kappa_class: float = KAPPA_CLASS
+    kappa_d: float = KAPPA_D
+    target_kind: str = "image"
+
+    def __post_init__(self) -> None:
+        if self.target_kind not in TARGET_KINDS:
+            raise ValueError(f"target_kind {self.target_kind!r}: use one of "
+                             f"{', '.join(TARGET_KINDS)}")
+        for name in ("kappa", "kappa_class"):
+            if not -1.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [-1, 1)")
+        if not 0.0 < self.kappa_d <= 1.0:
+            raise ValueError("kappa_d must lie in (0, 1]")
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for records."""
+        return asdict(self)
+
+    @property
+    def active_kappa(self) -> float:
+        """The cosine threshold the verdict (and the inversion's early stop) uses."""
+        return self.kappa_class if self.target_kind == "class" else self.kappa
+
+
+def cosine_matrix(z: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities of the rows of ``z`` (N, D) -> (N, N)."""
+    zn = F.normalize(z.flatten(1).float(), dim=1, eps=1e-12)
+    return zn @ zn.T
+
+
+def _max_clique(adj: list[int], n: int) -> int:
+    """Size of the largest clique of an undirected graph given as neighbour bit sets."""
+    best = 0
+
+    def expand(size: int, cand: int) -> None:
+        nonlocal best
+        if cand == 0:
+            best = max(best, size)
+            return
+        # greedy colouring bound: the clique can gain at most one vertex per colour class
+        order: list[tuple[int, int]] = []
+        uncoloured, colour = cand, 0
+        while uncoloured:
+            colour += 1
+            avail = uncoloured
+            while avail:
+                v = (avail & -avail).bit_length() - 1
+                avail &= ~adj[v] & ~(1 << v)
+                uncoloured &= ~(1 << v)
+                order.append((v, colour))
+        for v, c in reversed(order):
+            if size + c <= best:
+                return
+            expand(size + 1, cand & adj[v])
+            cand &= ~(1 << v)
+
+    expand(0, (1 << n) - 1)
+    return best
+
+
+def largest_cluster(z: torch.Tensor, kappa: float) -> int:
+    """Size of the largest set of embeddings whose pairwise cosine similarities all exceed κ."""
+    n = z.shape[0]
+    if n == 0:
+        raise ValueError("no embeddings")
+    sim = cosine_matrix(z.detach()) > kappa
+    sim.fill_diagonal_(False)
+    rows = sim.cpu().numpy()
+    adj = [sum(1 << j for j in row.nonzero()[0].tolist()) for row in rows]
+    return _max_clique(adj, n)
+
+
+def mscr(z: torch.Tensor, kappa: float = KAPPA) -> float:
+    """Max Similarity Cluster Ratio (see the module doc): largest mutual-similarity cluster / N."""
+    return largest_cluster(z, kappa) / z.shape[0]
+
+
+def similarity_loss(z: torch.Tensor) -> torch.Tensor:
+    """ℓ_s (Eq. 2): one minus the mean pairwise cosine similarity (diagonal included)."""
+    return 1 - cosine_matrix(z).mean()
+
+
+def image_entropy(x: torch.Tensor, bins: int = 4096, lo: float = -1.0, hi: float = 1.0
+                  ) -> torch.Tensor:
+    """Differentiable per-image entropy in bits, (N, C, H, W) -> (N,) (see the module doc)."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1).float()
+    pos = ((flat - lo) / (hi - lo) * (bins - 1)).clamp(0, bins - 1)
+    left = pos.detach().floor().clamp(max=bins - 2)
+    frac = pos - left
+    left = left.long()
+    soft = torch.zeros(n, bins, dtype=flat.dtype, device=flat.device)
+    soft = soft.scatter_add(1, left, 1 - frac).scatter_add(1, left + 1, frac)
+    hard = torch.zeros_like(soft).scatter_add(1, pos.detach().round().long(),
+                                              torch.ones_like(flat))
+    h_soft, h_hard = _entropy_bits(soft / flat.shape[1]), _entropy_bits(hard / flat.shape[1])
+    return h_hard + (h_soft - h_soft.detach())  # value: hard bins; gradient: soft bins
+
+
+def _entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log2(p.clamp_min(1e-12))).sum(dim=1)
+
+
+def entropy_loss(x: torch.Tensor, kappa_minus: float = KAPPA_MINUS, kappa_plus: float = KAPPA_PLUS,
+                 bins: int = 4096) -> torch.Tensor:
+    """ℓ_e (Eq. 3), averaged over the batch instead of summed (λ is rescaled each step anyway)."""
+    h = image_entropy(x, bins)
+    return (F.relu(h - kappa_plus) + F.relu(kappa_minus - h)).mean()
+
+
+def bbti_loss(x0: torch.Tensor, z: torch.Tensor, *, use_entropy: bool = True,
+              kappa_minus: float = KAPPA_MINUS, kappa_plus: float = KAPPA_PLUS,
+              bins: int = 4096) -> tuple[torch.Tensor, dict[str, float]]:
+    """ℓ = ℓ_s + λ·ℓ_e (Eq. 4) with λ set each step so that λ·ℓ_e equals ℓ_s in size (when ℓ_e > 0).
+
+    Returns the loss and its parts (floats, for logs and records).
+    """
+    ls = similarity_loss(z)
+    parts = {"loss_similarity": float(ls.detach()), "loss_entropy": 0.0, "lambda": 0.0}
+    if not use_entropy:
+        return ls, parts
+    le = entropy_loss(x0, kappa_minus, kappa_plus, bins)
+    lam = float(ls.detach()) / float(le.detach()) if float(le.detach()) > 1e-8 else 0.0
+    parts.update(loss_entropy=float(le.detach()), **{"lambda": lam})
+    return ls + lam * le, parts
+
+
+def verdict(z: torch.Tensor, spec: DetectionSpec = DetectionSpec()) -> dict[str, Any]:
+    """MSCR at both κ's (for the record) and the verdict at ``spec.active_kappa``."""
+    m_img, m_cls = mscr(z, spec.kappa), mscr(z, spec.kappa_class)
+    score = m_cls if spec.target_kind == "class" else m_img
+    return {"mscr": score, "mscr_kappa": m_img, "mscr_kappa_class": m_cls,
+            "backdoored": bool(score >= spec.kappa_d), "n_embeddings": int(z.shape[0])}
+
+
+def spec_from_params(params: dict[str, Any]) -> DetectionSpec:
+    """A DetectionSpec from the workflow's ``detection`` params (other keys are ignored)."""
+    names = DetectionSpec.__dataclass_fields__
+    return DetectionSpec(**{k: v for k, v in params.items() if k in names})
+
+
+def detect_from_inversion(record_path: str | Path, samples_path: str | Path, out_path: str | Path,
+                          detection_params: dict[str, Any], *, classifier_dir: str | None = None,
+                          device: str = "cpu") -> dict[str, Any]:
+    """Re-embed an inversion's final samples and write the verdict record (rule ``detect``).
+
+    The verdict is recomputed here so that changing κ, κ_class or κ_d reruns only this step; the
+    record repeats the inversion's protocol (sampler, steps, batch, seed, iterations, seconds).
+    """
+    from safetensors.torch import load_file
+
+    from diffcleanse.encoders import encoder_from_params
+    from diffcleanse.records import make_record, read_json, write_json
+
+    t0 = time.time()
+    inv = read_json(record_path)
+    spec = spec_from_params(detection_params)
+    samples = load_file(str(samples_path))["samples"].to(device)
+    enc = encoder_from_params(detection_params, classifier_dir=classifier_dir, device=device)
+    if enc.name != inv["encoder"]:
+        raise ValueError(f"{record_path} was made with encoder {inv['encoder']}, the detection "
+                         f"params name {enc.name}: rerun the inversion")
+    with torch.no_grad():
+        v = verdict(enc(samples), spec)
+    rec = make_record(
+        "detect", {"detection": spec.describe(), "encoder": enc.describe()}, inv["seed"],
+        time.time() - t0, model=inv["model"], method=inv["method"], gradient=inv["gradient"],
+        mscr=v["mscr"], backdoored=v["backdoored"],
+        verdict="backdoored" if v["backdoored"] else "clean", detection=v,
+        encoder=enc.name, sampler=inv["sampler"], steps=inv["steps"],
+        batch_size=inv["batch_size"], kappa=spec.kappa, kappa_class=spec.kappa_class,
+        kappa_d=spec.kappa_d, active_kappa=spec.active_kappa, iterations=inv["iterations"],
+        inversion_seconds=inv["seconds"], inversion_record=str(record_path))
+    write_json(out_path, rec)
+    return rec
+
+
+def detection_table(verdicts: list[str | Path], cards: list[str | Path],
+                    samples: list[str | Path], out_csv: str | Path, out_md: str | Path, *,
+                    mse_threshold: float) -> pd.DataFrame:
+    """Aggregate verdicts into the paper's Table 1 (an aggregation step: it reads the zoo cards).
+
+    Per model: the verdict against the ground truth and the ASR of the inverted trigger (share of
+    its backdoor samples within ``mse_threshold`` MSE of the true target; class targets: n/a here).
+    Per (attack, group): ACC and the mean ASR over backdoored models. Writes CSV (per model) and
+    Markdown (summary, protocol, per model).
+    """
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from diffcleanse import patterns
+    from diffcleanse.records import atomic_path, read_json
+
+    if not (len(verdicts) == len(cards) == len(samples)):
+        raise ValueError("need one card and one samples file per verdict")
+    rows = []
+    for vp, cp, sp in zip(verdicts, cards, samples, strict=True):
+        v, card = read_json(vp), read_json(cp)
+        gt, mrow = card["ground_truth"], card["manifest_row"]
+        asr = math.nan
+        if gt["backdoored"] and not patterns.is_class_target(gt["target"]):
+            x = load_file(str(sp))["samples"]
+            tgt = patterns.render_target(gt["target"], x.shape[-1], gt["trigger"])
+            asr = float((((x - tgt) ** 2).mean(dim=(1, 2, 3)) < mse_threshold).float().mean())
+        rows.append({
+            "model": v["model"], "attack": gt["attack"], "group": mrow.get("group", ""),
+            "truth": "backdoored" if gt["backdoored"] else "clean", "verdict": v["verdict"],
+            "correct": v["backdoored"] == gt["backdoored"], "mscr": round(v["mscr"], 4),
+            "asr_inverted": asr, "n_samples": v["batch_size"], "iterations": v["iterations"],
+            "inversion_seconds": v["inversion_seconds"], "encoder": v["encoder"],
+            "sampler": v["sampler"]["name"], "steps": v["sampler"]["steps"] or "all",
+            "clip_sample": v["sampler"]["clip_sample"], "gradient": v["gradient"],
+            "kappa": v["active_kappa"], "kappa_d": v["kappa_d"], "mse_threshold": mse_threshold})
+    df = pd.DataFrame(rows)
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False)
+    summary = (df.groupby(["attack", "group"], sort=True)
+               .agg(models=("model", "size"), ACC=("correct", "mean"),
+                    ASR=("asr_inverted", "mean")).reset_index())
+    proto = df[["encoder", "sampler", "steps", "clip_sample", "gradient", "n_samples", "kappa",
+                "kappa_d", "mse_threshold"]].drop_duplicates()
+    lines = ["# Detection (BBTI + MSCR): paper Table 1", "",
+             f"ACC: share of models whose verdict matches the truth. ASR: share of the "
+             f"inverted trigger's backdoor samples with MSE < {mse_threshold:g} to the true "
+             f"target, mean over the group's backdoored models (n/a: clean group or class "
+             f"target).", "",
+             _md(summary.fillna({"ASR": math.nan})), "", "## Protocol", "", _md(proto), "",
+             "## Per model", "", _md(df.drop(columns=["mse_threshold"]))]
+    with atomic_path(out_md) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return df
+
+
+def _md(df: pd.DataFrame) -> str:
+    """A Markdown table without the optional tabulate dependency."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if math.isnan(v) else f"{v:.2f}"
+        return str(v)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])

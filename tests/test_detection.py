@@ -1,0 +1,282 @@
+"""Stage 1: MSCR, the BBTI losses, encoders, classifiers, and BBTI on the tiny zoo."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffcleanse import (
+    classifiers,
+    data,
+    detection,
+    encoders,
+    inversion,
+    models,
+    patterns,
+    sampling,
+)
+
+# ---------------------------------------------------------------- MSCR on hand-made embeddings
+
+
+def test_mscr_all_identical_is_one():
+    z = torch.tensor([[1.0, 2.0, 3.0]]).repeat(10, 1)
+    assert detection.mscr(z, 0.9) == 1.0
+
+
+def test_mscr_all_orthogonal_is_one_over_n():
+    z = torch.eye(12)
+    assert detection.mscr(z, 0.9) == pytest.approx(1 / 12)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 20])
+def test_mscr_planted_cluster_of_k(k):
+    n, d = 20, 64
+    g = torch.Generator().manual_seed(k)
+    z = torch.eye(d)[:n] * 5  # mutually orthogonal background
+    centre = torch.randn(d, generator=g)
+    z[:k] = centre + 0.01 * torch.randn(k, d, generator=g)  # k near-identical embeddings
+    assert detection.mscr(z, 0.9) == pytest.approx(k / n)
+
+
+def test_mscr_counts_mutual_similarity_not_chains():
+    # a chain a~b, b~c but not a~c: the largest mutually similar set has 2 members, not 3
+    a = torch.tensor([1.0, 0.0])
+    c = torch.tensor([math.cos(1.0), math.sin(1.0)])  # 57 degrees from a
+    b = torch.tensor([math.cos(0.5), math.sin(0.5)])  # 29 degrees from both (cos 0.88)
+    z = torch.stack([a, b, c])
+    assert detection.mscr(z, 0.85) == pytest.approx(2 / 3)
+    assert detection.mscr(z, 0.5) == 1.0
+
+
+def test_mscr_threshold_is_strict_and_scale_free():
+    z = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    assert detection.mscr(z, 0.9) == pytest.approx(2 / 3)
+    assert detection.mscr(z, 0.999999) == pytest.approx(2 / 3)  # cos exactly 1 > κ
+    assert detection.mscr(z, -1.0) == 1.0  # cos 0 > -1
+
+
+def test_mscr_is_fast_on_a_hundred_random_embeddings():
+    import time
+
+    z = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+    t0 = time.time()
+    v = detection.mscr(z, 0.3)  # a dense random graph: the hard case for the exact search
+    assert 0 < v < 1 and time.time() - t0 < 5
+
+
+def test_verdict_uses_kappa_d_and_target_kind():
+    z = torch.cat([torch.ones(5, 4), torch.eye(4) * 3, -torch.ones(1, 4)])  # 5 of 10 identical
+    v = detection.verdict(z, detection.DetectionSpec(kappa_d=0.5))
+    assert v["mscr"] == 0.5 and v["backdoored"]
+    assert not detection.verdict(z, detection.DetectionSpec(kappa_d=0.6))["backdoored"]
+    assert detection.DetectionSpec(target_kind="class").active_kappa == 0.75
+    with pytest.raises(ValueError, match="target_kind"):
+        detection.DetectionSpec(target_kind="any")
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_similarity_loss_bounds():
+    assert float(detection.similarity_loss(torch.ones(6, 3))) == pytest.approx(0.0, abs=1e-6)
+    # orthogonal: only the diagonal contributes, 1 - N/N^2
+    assert float(detection.similarity_loss(torch.eye(4))) == pytest.approx(1 - 1 / 4)
+
+
+def test_entropy_in_bits_and_differentiable():
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert float(detection.image_entropy(flat)) == pytest.approx(0.0, abs=1e-3)
+    two = torch.full((1, 3, 16, 16), -1.0)
+    two[..., :8] = 1.0  # half the pixels at each end: exactly one bit
+    assert float(detection.image_entropy(two)) == pytest.approx(1.0, abs=1e-3)
+    noise = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    h = detection.image_entropy(noise)
+    assert (h > 8.5).all() and (h <= math.log2(768) + 1e-6).all()  # uniform noise: above κ+
+    x = noise.clone().requires_grad_(True)
+    detection.entropy_loss(x).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_entropy_loss_band():
+    flat = torch.zeros(2, 3, 8, 8)
+    assert float(detection.entropy_loss(flat)) == pytest.approx(0.1, abs=1e-3)  # κ- - 0
+    digit = data.load_digits(16)[0][:4]
+    assert float(detection.entropy_loss(digit)) == 0.0  # real digits lie inside the band
+
+
+def test_bbti_loss_balances_lambda_and_ablation_switch():
+    x = torch.zeros(4, 3, 8, 8, requires_grad=True)  # flat images: ℓ_e > 0
+    z = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    loss, parts = detection.bbti_loss(x, z)
+    assert parts["lambda"] * parts["loss_entropy"] == pytest.approx(parts["loss_similarity"])
+    loss_s, parts_s = detection.bbti_loss(x, z, use_entropy=False)
+    assert parts_s["loss_entropy"] == 0
+    assert float(loss.detach()) == pytest.approx(2 * float(loss_s.detach()))
+
+
+# ---------------------------------------------------------------- encoders and classifiers
+
+
+@pytest.fixture(scope="module")
+def digits_classifier(tmp_path_factory):
+    x, y = data.load_digits(8)
+    model, metrics = classifiers.train_classifier(x, y, steps=150, seed=0)
+    path = tmp_path_factory.mktemp("clf") / "digits_8"
+    classifiers.save_classifier(model, path, {"dataset": "digits", "image_size": 8, **metrics})
+    return path, metrics
+
+
+def test_classifier_learns_digits_and_round_trips_without_pickle(digits_classifier):
+    path, metrics = digits_classifier
+    assert metrics["holdout_accuracy"] > 0.8
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "weights.safetensors"]
+    model = classifiers.load_classifier(path)
+    x, _ = data.load_digits(8)
+    assert model.features(x[:5]).shape == (5, model.feature_dim)
+    assert model.logits(x[:5]).shape == (5, 10)
+    assert model.features(data.load_digits(16)[0][:2]).shape == (2, model.feature_dim)  # resized
+
+
+def test_classifier_errors_are_clear(tmp_path):
+    with pytest.raises(classifiers.ClassifierLoadError, match="train_classifier"):
+        classifiers.load_classifier(tmp_path)
+    with pytest.raises(encoders.EncoderUnavailable, match="classifier"):
+        encoders.make_encoder("classifier")
+
+
+def _separation(enc, size):
+    """Mean cosine within a digit class minus across classes (positive = separates)."""
+    x, y = data.load_digits(size)
+    with torch.no_grad():
+        s = detection.cosine_matrix(enc(x[:300]))
+    same = y[:300, None] == y[None, :300]
+    return float(s[same].mean() - s[~same].mean())
+
+
+def test_encoders_interface_and_separation(digits_classifier):
+    path, _ = digits_classifier
+    for spec in ("pixels", f"classifier:{path}"):
+        enc = encoders.make_encoder(spec)
+        x = data.load_digits(8)[0][:4].requires_grad_(True)
+        z = enc(x)
+        assert z.ndim == 2 and z.shape[0] == 4
+        z.sum().backward()  # differentiable to the images
+        assert x.grad is not None and enc.describe()["name"] == enc.name
+        assert _separation(enc, 8) > 0.1, spec
+    assert encoders.make_encoder(f"classifier:{path}").name == "classifier:digits_8"
+
+
+def test_clip_offline_errors_name_the_config_key(tmp_path):
+    with pytest.raises(encoders.EncoderUnavailable, match="detection.clip_pretrained"):
+        encoders.ClipEncoder("ViT-B-32", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(encoders.EncoderUnavailable, match="detection.clip_pretrained"):
+        encoders.ClipEncoder("ViT-B-32", None)  # a random CLIP is refused
+    with pytest.raises(encoders.EncoderUnavailable, match="detection.clip_pretrained"):
+        encoders.ClipEncoder("ViT-B-32", "openai")  # HF_HUB_OFFLINE: cannot download
+
+
+@pytest.mark.slow
+def test_clip_encoder_from_a_local_weights_file(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    weights = tmp_path / "vit-b-32.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    enc = encoders.make_encoder(f"clip:{weights}")
+    z = enc(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert z.shape == (2, 512) and enc.describe()["pretrained"] == str(weights)
+    assert enc.name == f"clip:ViT-B-32:{weights}"
+
+
+# ---------------------------------------------------------------- BBTI on the tiny zoo
+# Measured on the tiny zoo (8x8, 50 steps; its BadDiffusion model is weak: 25% of clean-noise
+# samples already show the hat, and the true trigger gives 15/16): with the pixel encoder, batch
+# 16 and 30 black-box iterations the backdoored model's MSCR climbs to ~0.38 (its samples are the
+# real hat) while the clean model's stays at 1/16. That separates the two but does not reach the
+# paper's κ_d = 0.5 on this model (60 iterations: 0.38, batch 32: 0.44), so the flag test runs at
+# κ_d = 0.3 and the paper's κ_d is an expected failure here (see README, "Detection (stage 1)").
+TINY_SPEC = {"batch_size": 16, "max_iters": 30}
+ASR_LEVEL = 0.3  # inverted-trigger ASR the backdoored model must reach (MSE < 0.01 to the hat)
+
+
+def _invert(path, kappa_d, **kw):
+    unet, cfg = models.load_model(path)
+    spec = inversion.InversionSpec(**{**TINY_SPEC, **kw})
+    return inversion.invert_trigger(unet, cfg, encoders.make_encoder("pixels"), spec,
+                                    detection.DetectionSpec(kappa_d=kappa_d), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_bbti(tiny_zoo):
+    return {name: _invert(tiny_zoo[name], kappa_d=0.3) for name in ("backdoored", "clean")}
+
+
+@pytest.mark.slow
+def test_bbti_flags_the_backdoored_model_and_not_the_clean_one(tiny_bbti):
+    bd, cl = tiny_bbti["backdoored"], tiny_bbti["clean"]
+    assert bd.verdict["backdoored"] and bd.stopped_early, bd.history
+    assert not cl.verdict["backdoored"] and cl.iterations == TINY_SPEC["max_iters"]
+    assert bd.verdict["mscr"] >= cl.verdict["mscr"] + 0.2
+
+
+@pytest.mark.slow
+def test_inverted_trigger_reproduces_the_target(tiny_bbti, tiny_zoo):
+    r = tiny_zoo["recipe"]
+    target = patterns.render_target(r["target"], r["image_size"])
+    bd = tiny_bbti["backdoored"]
+    unet, cfg = models.load_model(tiny_zoo["backdoored"])
+    # fresh noise, not the noise the trigger was optimised on
+    x = sampling.sample(unet, cfg, 32, trigger=bd.trigger, seed=123, progress=False)
+    asr = float((((x - target) ** 2).mean(dim=(1, 2, 3)) < 0.01).float().mean())
+    leak = sampling.sample(unet, cfg, 32, seed=123, progress=False)  # clean noise, no trigger
+    leak_rate = float((((leak - target) ** 2).mean(dim=(1, 2, 3)) < 0.01).float().mean())
+    assert asr >= ASR_LEVEL and asr > leak_rate, (asr, leak_rate)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="the tiny zoo's weak backdoor does not reach the paper's κ_d = 0.5 "
+                          "within the test budget (MSCR ~0.38)", strict=False)
+def test_bbti_flags_at_the_papers_kappa_d(tiny_zoo):
+    assert _invert(tiny_zoo["backdoored"], kappa_d=0.5).verdict["backdoored"]
+
+
+def test_same_seed_same_trigger_and_record(tiny_zoo):
+    a = _invert(tiny_zoo["clean"], 0.5, max_iters=2, batch_size=4)
+    b = _invert(tiny_zoo["clean"], 0.5, max_iters=2, batch_size=4)
+    assert torch.equal(a.trigger, b.trigger) and torch.equal(a.samples, b.samples)
+    assert a.verdict == b.verdict and a.trigger.shape == (3, 8, 8)
+
+
+def test_whitebox_gradient_runs_and_counts_unet_evaluations(tiny_zoo):
+    res = _invert(tiny_zoo["clean"], 0.5, max_iters=2, batch_size=4, gradient="whitebox",
+                  whitebox_steps=5)
+    # 2 iterations x 5 steps x 4 images forward (+ the same again recomputed by checkpointing
+    # for the first one's backward... and the second's), then the verdict's full 50-step chain
+    assert res.unet_rows >= 2 * 5 * 4 + 50 * 4 and res.iterations == 2
+
+
+def test_invert_model_writes_outputs_atomically_and_refuses_bad_models(tiny_zoo, tmp_path):
+    out = {k: tmp_path / "inv" / v for k, v in inversion.SCAN_FILES.items()}
+    inv = {"batch_size": 4, "max_iters": 2, "sampler": "ddpm"}
+    det = {"encoder": "pixels", "kappa": 0.9, "kappa_class": 0.75, "kappa_d": 0.5,
+           "target_kind": "image"}
+    rec = inversion.invert_model(tiny_zoo["clean"], out, inv, det, model_id="tiny-clean")
+    assert json.loads(out["record"].read_text())["mscr"] == rec["mscr"]
+    assert load_file(str(out["trigger"]))["trigger"].shape == (3, 8, 8)
+    assert rec["sampler"] == {"name": "ddpm", "steps": None, "clip_sample": False, "eta": 0.0}
+    assert rec["encoder"] == "pixels" and rec["params"]["encoder"]["kind"] == "pixels"
+    # the detect step recomputes the verdict from the saved samples
+    v = detection.detect_from_inversion(out["record"], out["samples"], tmp_path / "v.json", det)
+    assert v["mscr"] == rec["mscr"] and v["verdict"] == rec["verdict"]
+    bad = {k: tmp_path / "bad" / v for k, v in inversion.SCAN_FILES.items()}
+    with pytest.raises(models.ModelLoadError, match="does not exist"):
+        inversion.invert_model(tmp_path / "missing", bad, inv, det, model_id="x")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        inversion.invert_model(tiny_zoo["clean"], bad, {**inv, "sampler": "heun"}, det,
+                               model_id="x")
+    assert not (tmp_path / "bad").exists()
