@@ -59,14 +59,16 @@ def _train_tiny(out, attacked: bool, seed: int):
 
 
 @pytest.fixture(scope="session")
-def tiny_zoo(request):
+def tiny_zoo(request, tmp_path_factory):
     """Paths of a briefly trained clean model and a BadDiffusion model (stop_14 -> hat), plus the
     recipe: ``{"clean": Path, "backdoored": Path, "recipe": dict}``."""
     import json
 
     from diffcleanse.records import params_hash
 
-    root = request.config.cache.mkdir(f"tiny-zoo-{params_hash(TINY_RECIPE)}")
+    name = f"tiny-zoo-{params_hash(TINY_RECIPE)}"
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    root = cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
     out = {"recipe": dict(TINY_RECIPE)}
     for name, attacked, seed in (("clean", False, 0), ("backdoored", True, 1)):
         d = root / name
