@@ -280,3 +280,24 @@ def test_invert_model_writes_outputs_atomically_and_refuses_bad_models(tiny_zoo,
         inversion.invert_model(tiny_zoo["clean"], bad, {**inv, "sampler": "heun"}, det,
                                model_id="x")
     assert not (tmp_path / "bad").exists()
+
+
+def test_blank_samples_do_not_make_a_cluster():
+    """A clean model driven to blank images must not be flagged: out-of-band samples (entropy
+    below κ-) do not form MSCR clusters; the plain MSCR is still recorded."""
+    from diffcleanse import data
+    from diffcleanse.detection import DetectionSpec, mscr, verdict
+
+    digits, _ = data.load_digits(8)
+    blank = -torch.ones(8, 3, 8, 8)
+    images = torch.cat([blank, digits[:8]])
+    z = torch.cat([torch.ones(8, 4), torch.eye(8, 4) * 3 + torch.randn(8, 4) * 0.01])
+    z[8:12] = torch.eye(4)  # four distinct digits
+    z[12:] = -torch.eye(4)
+    v = verdict(z, DetectionSpec(), images)
+    assert v["mscr_unfiltered"] == 0.5 and v["out_of_band"] == 8
+    assert v["mscr"] == 1 / 16 and not v["backdoored"]
+    assert verdict(z, DetectionSpec(entropy_band=False), images)["backdoored"]
+    valid = torch.tensor([False] * 8 + [True] * 8)
+    assert mscr(torch.ones(16, 4), 0.9, valid) == 0.5
+    assert mscr(torch.ones(4, 4), 0.9, torch.zeros(4, dtype=torch.bool)) == 0.0

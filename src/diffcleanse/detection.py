@@ -11,6 +11,14 @@ found exactly (branch and bound over bit sets; instant for the batch sizes used,
 since the graphs met here are either dense with one big clique or sparse). A model is flagged when
 MSCR >= κ_d.
 
+**Only samples in the entropy band count** (``DetectionSpec.entropy_band``, on by default). The
+paper's premise for ℓ_e is that an attacker's target is a human-understandable image whose entropy
+lies in [κ-, κ+], while *natural* trigger-target pairs give flat colours or noise. A clean model
+can be driven to a blank image by a strong enough trigger, and blank images all embed alike: on
+the default zoo a clean model reached MSCR 0.5 with 8 of 16 samples pure black (entropy 0 bits).
+So the clusters of MSCR are formed among the samples whose entropy lies in the band; the ratio is
+still over all N samples. ``entropy_band: false`` gives the plain definition.
+
 **Entropy term.** ``image_entropy`` is the Shannon entropy in bits of one image's pixel values (all
 channels together) over ``bins`` equal bins on [-1, 1] (values outside fall into the edge bins), as
 ``skimage.measure.shannon_entropy`` computes it on a quantised image; its gradient is that of the
@@ -52,6 +60,10 @@ class DetectionSpec:
     kappa_class: float = KAPPA_CLASS
     kappa_d: float = KAPPA_D
     target_kind: str = "image"
+    entropy_band: bool = True  # count only samples whose entropy is in [κ-, κ+] (module doc)
+    kappa_minus: float = KAPPA_MINUS
+    kappa_plus: float = KAPPA_PLUS
+    entropy_bins: int = 4096
 
     def __post_init__(self) -> None:
         if self.target_kind not in TARGET_KINDS:
@@ -121,9 +133,27 @@ def largest_cluster(z: torch.Tensor, kappa: float) -> int:
     return _max_clique(adj, n)
 
 
-def mscr(z: torch.Tensor, kappa: float = KAPPA) -> float:
-    """Max Similarity Cluster Ratio (see the module doc): largest mutual-similarity cluster / N."""
-    return largest_cluster(z, kappa) / z.shape[0]
+def mscr(z: torch.Tensor, kappa: float = KAPPA, valid: torch.Tensor | None = None) -> float:
+    """Max Similarity Cluster Ratio (see the module doc): largest mutual-similarity cluster / N.
+
+    With a boolean ``valid`` mask, clusters are formed among the valid embeddings only (the ratio
+    stays over all N).
+    """
+    n = z.shape[0]
+    if valid is not None:
+        z = z[valid.to(z.device)]
+        if z.shape[0] == 0:
+            return 0.0
+    return largest_cluster(z, kappa) / n
+
+
+def in_band(images: torch.Tensor, spec: DetectionSpec) -> torch.Tensor | None:
+    """Which samples have an entropy in [κ-, κ+] (None when the spec does not filter)."""
+    if not spec.entropy_band:
+        return None
+    with torch.no_grad():
+        h = image_entropy(images.detach(), spec.entropy_bins)
+    return (h >= spec.kappa_minus) & (h <= spec.kappa_plus)
 
 
 def similarity_loss(z: torch.Tensor) -> torch.Tensor:
@@ -176,11 +206,20 @@ def bbti_loss(x0: torch.Tensor, z: torch.Tensor, *, use_entropy: bool = True,
     return ls + lam * le, parts
 
 
-def verdict(z: torch.Tensor, spec: DetectionSpec = DetectionSpec()) -> dict[str, Any]:
-    """MSCR at both κ's (for the record) and the verdict at ``spec.active_kappa``."""
-    m_img, m_cls = mscr(z, spec.kappa), mscr(z, spec.kappa_class)
+def verdict(z: torch.Tensor, spec: DetectionSpec = DetectionSpec(),
+            images: torch.Tensor | None = None) -> dict[str, Any]:
+    """MSCR at both κ's (for the record) and the verdict at ``spec.active_kappa``.
+
+    With ``images`` (the samples ``z`` embeds) and ``spec.entropy_band``, only in-band samples form
+    clusters; the record also gives the plain MSCR and how many samples were out of the band.
+    """
+    valid = in_band(images, spec) if images is not None else None
+    m_img, m_cls = mscr(z, spec.kappa, valid), mscr(z, spec.kappa_class, valid)
     score = m_cls if spec.target_kind == "class" else m_img
+    plain = mscr(z, spec.active_kappa)
     return {"mscr": score, "mscr_kappa": m_img, "mscr_kappa_class": m_cls,
+            "mscr_unfiltered": plain,
+            "out_of_band": int((~valid).sum()) if valid is not None else 0,
             "backdoored": bool(score >= spec.kappa_d), "n_embeddings": int(z.shape[0])}
 
 
@@ -212,7 +251,7 @@ def detect_from_inversion(record_path: str | Path, samples_path: str | Path, out
         raise ValueError(f"{record_path} was made with encoder {inv['encoder']}, the detection "
                          f"params name {enc.name}: rerun the inversion")
     with torch.no_grad():
-        v = verdict(enc(samples), spec)
+        v = verdict(enc(samples), spec, samples)
     rec = make_record(
         "detect", {"detection": spec.describe(), "encoder": enc.describe()}, inv["seed"],
         time.time() - t0, model=inv["model"], method=inv["method"], gradient=inv["gradient"],

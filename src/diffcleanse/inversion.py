@@ -210,7 +210,7 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
                 x0 = x0.detach().requires_grad_(True)
             xs = _ste_clamp(x0)
             z = encoder(xs)
-            score = detection.mscr(z, detect.active_kappa)
+            score = detection.mscr(z, detect.active_kappa, detection.in_band(xs, detect))
             row = {"iteration": it, "mscr": score, "trigger_norm": float(r.detach().norm())}
             if best is None or score >= best[0]:
                 best = (score, r.detach().clone(), xs.detach().clone())
@@ -240,7 +240,7 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
             samples = _ste_clamp(backdoor_sample(unet, scheduler_config, noise + r_best, full,
                                                  sample_seed)).detach()
         with torch.no_grad():
-            final = detection.verdict(encoder(samples), detect)
+            final = detection.verdict(encoder(samples), detect, samples)
     finally:
         counter.close()
     seconds = time.time() - t0

@@ -79,11 +79,13 @@ def get_classifier_image_size(wildcards):
 
 def get_classifier_params(wildcards):
     """Every hyperparameter train_classifier uses."""
-    return {
-        "data_root": config["data"]["root"],
-        "download": config["data"]["download"],
-        **{k: v for k, v in config["classifier"].items() if k != "threads"},
-    }
+    return canonical(
+        {
+            "data_root": config["data"]["root"],
+            "download": config["data"]["download"],
+            **{k: v for k, v in config["classifier"].items() if k != "threads"},
+        }
+    )
 
 
 def get_encoder_input(wildcards):
@@ -96,16 +98,18 @@ def get_encoder_input(wildcards):
 def get_inversion_params(wildcards):
     """Every inversion hyperparameter; the sampler is the model's own (manifest column)."""
     inv = {k: v for k, v in config["inversion"].items() if k != "threads"}
-    return {**inv, "sampler": str(MANIFEST.loc[wildcards.model, "sampler"])}
+    return canonical({**inv, "sampler": str(MANIFEST.loc[wildcards.model, "sampler"])})
 
 
 def get_detection_params(wildcards):
     """κ's, encoder and the target kind (``manifest``: from the row's target, paper protocol)."""
     det = dict(config["detection"])
+    for key in ("kappa_minus", "kappa_plus", "entropy_bins"):  # one entropy band for both stages
+        det[key] = config["inversion"][key]
     if det["target_kind"] == "manifest":
         target = str(MANIFEST.loc[wildcards.model, "target"])
         det["target_kind"] = "class" if target.startswith(("class:", "mnist:")) else "image"
-    return det
+    return canonical(det)
 
 
 def get_detection_table_inputs(wildcards):
