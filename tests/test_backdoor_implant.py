@@ -14,12 +14,19 @@ def _hits(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((samples - target) ** 2).mean(dim=(1, 2, 3)) < HIT_MSE
 
 
-@pytest.mark.slow
-def test_noise_plus_trigger_lands_on_target_and_clean_noise_does_not(tiny_zoo):
+@pytest.fixture
+def backdoored(tiny_zoo):
+    """(unet, scheduler config, trigger, target) of the tiny zoo's BadDiffusion model."""
     r = tiny_zoo["recipe"]
     unet, cfg = models.load_model(tiny_zoo["backdoored"])
     trigger = patterns.render_trigger(r["trigger"], r["image_size"])
     target = patterns.render_target(r["target"], r["image_size"])
+    return unet, cfg, trigger, target
+
+
+@pytest.mark.slow
+def test_noise_plus_trigger_lands_on_target_and_clean_noise_does_not(tiny_zoo, backdoored):
+    unet, cfg, trigger, target = backdoored
     spec = sampling.SamplerSpec("ddpm")
     bd = sampling.sample(unet, cfg, 64, spec=spec, trigger=trigger, seed=11, progress=False)
     clean = sampling.sample(unet, cfg, 64, spec=spec, seed=11, progress=False)
@@ -36,12 +43,9 @@ def test_noise_plus_trigger_lands_on_target_and_clean_noise_does_not(tiny_zoo):
 
 
 @pytest.mark.slow
-def test_clipping_the_predicted_x0_hides_the_backdoor(tiny_zoo):
+def test_clipping_the_predicted_x0_hides_the_backdoor(backdoored):
     """DESIGN.md: diffusers' default clip_sample=True erases the trigger term. We never clip."""
-    r = tiny_zoo["recipe"]
-    unet, cfg = models.load_model(tiny_zoo["backdoored"])
-    trigger = patterns.render_trigger(r["trigger"], r["image_size"])
-    target = patterns.render_target(r["target"], r["image_size"])
+    unet, cfg, trigger, target = backdoored
     kw = {"trigger": trigger, "seed": 11, "progress": False}
     free = sampling.sample(unet, cfg, 64, spec=sampling.SamplerSpec("ddpm"), **kw)
     clipped = sampling.sample(

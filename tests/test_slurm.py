@@ -17,27 +17,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-try:
-    from slurm_helpers import (
-        CLUSTER_PROFILE,
-        CPU_TEST_PROFILE,
-        SnakemakeRun,
-        differing_files,
-        require_slurm,
-        run_snakemake,
-        run_with_profile,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.slurm_helpers import (
-        CLUSTER_PROFILE,
-        CPU_TEST_PROFILE,
-        SnakemakeRun,
-        differing_files,
-        require_slurm,
-        run_snakemake,
-        run_with_profile,
-    )
+from slurm_helpers import (
+    CLUSTER_PROFILE,
+    CPU_TEST_PROFILE,
+    SnakemakeRun,
+    differing_files,
+    require_slurm,
+    run_snakemake,
+    run_with_profile,
+)
 
 pytestmark = pytest.mark.slurm
 
