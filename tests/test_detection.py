@@ -194,13 +194,14 @@ def test_clip_encoder_from_a_local_weights_file(tmp_path):
 
 
 # ---------------------------------------------------------------- BBTI on the tiny zoo
-# Measured on the tiny zoo (8x8, 50 steps; its BadDiffusion model is weak: 25% of clean-noise
-# samples already show the hat, and the true trigger gives 15/16): with the pixel encoder, batch
-# 16 and 30 black-box iterations the backdoored model's MSCR climbs to ~0.38 (its samples are the
-# real hat) while the clean model's stays at 1/16. That separates the two but does not reach the
-# paper's κ_d = 0.5 on this model (60 iterations: 0.38, batch 32: 0.44), so the flag test runs at
-# κ_d = 0.3 and the paper's κ_d is an expected failure here (see README, "Detection (stage 1)").
+# The tiny zoo (8x8, 50 steps; its BadDiffusion model is weak: 25% of clean-noise samples already
+# show the hat) with the paper's protocol (InversionSpec's defaults: black-box gradient,
+# r ~ N(0, 1)), the pixel encoder and batch 16: after 18 iterations the backdoored model's MSCR is
+# 0.31 (real hats), the clean model's 1/16 after 30. That separates them but is short of the
+# paper's κ_d = 0.5, so the flag test runs at κ_d = 0.3 and κ_d = 0.5 is an expected failure.
+# Measured: the default zoo's settings (white-box, 0.1·N(0, 1), range loss) stay at 0.125 here.
 TINY_SPEC = {"batch_size": 16, "max_iters": 30}
+TINY_KAPPA_D = 0.3
 ASR_LEVEL = 0.3  # inverted-trigger ASR the backdoored model must reach (MSE < 0.01 to the hat)
 
 
@@ -213,15 +214,25 @@ def _invert(path, kappa_d, **kw):
 
 @pytest.fixture(scope="module")
 def tiny_bbti(tiny_zoo):
-    return {name: _invert(tiny_zoo[name], kappa_d=0.3) for name in ("backdoored", "clean")}
+    return {name: _invert(tiny_zoo[name], kappa_d=TINY_KAPPA_D)
+            for name in ("backdoored", "clean")}
 
 
 @pytest.mark.slow
 def test_bbti_flags_the_backdoored_model_and_not_the_clean_one(tiny_bbti):
     bd, cl = tiny_bbti["backdoored"], tiny_bbti["clean"]
     assert bd.verdict["backdoored"] and bd.stopped_early, bd.history
+    # the early stop was confirmed by the verdict's sampler
+    assert bd.history[-1]["mscr_verdict_sampler"] >= TINY_KAPPA_D
     assert not cl.verdict["backdoored"] and cl.iterations == TINY_SPEC["max_iters"]
     assert bd.verdict["mscr"] >= cl.verdict["mscr"] + 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="the tiny zoo's weak backdoor does not reach the paper's κ_d = 0.5 "
+                          "within the test budget (MSCR ~0.31)", strict=False)
+def test_bbti_flags_at_the_papers_kappa_d(tiny_zoo):
+    assert _invert(tiny_zoo["backdoored"], kappa_d=0.5).verdict["backdoored"]
 
 
 @pytest.mark.slow
@@ -238,11 +249,22 @@ def test_inverted_trigger_reproduces_the_target(tiny_bbti, tiny_zoo):
     assert asr >= ASR_LEVEL and asr > leak_rate, (asr, leak_rate)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(reason="the tiny zoo's weak backdoor does not reach the paper's κ_d = 0.5 "
-                          "within the test budget (MSCR ~0.38)", strict=False)
-def test_bbti_flags_at_the_papers_kappa_d(tiny_zoo):
-    assert _invert(tiny_zoo["backdoored"], kappa_d=0.5).verdict["backdoored"]
+def test_blackbox_gradient_runs_the_papers_protocol(tiny_zoo):
+    """The paper's Eq. 1 gradient: one no-grad sampling pass per iteration, nothing else."""
+    res = _invert(tiny_zoo["clean"], 0.5, max_iters=2, batch_size=4, gradient="blackbox",
+                  early_stop=False)
+    assert res.unet_rows == 2 * 50 * 4 and res.iterations == 2
+
+
+def test_restarts_share_the_budget_and_range_loss_is_recorded(tiny_zoo):
+    res = _invert(tiny_zoo["clean"], 0.5, max_iters=4, batch_size=4, restarts=2,
+                  range_loss=True, init_scale=0.1, early_stop=False)
+    assert [row["start"] for row in res.history] == [0, 0, 1, 1]
+    # each start draws its own trigger at the given scale
+    assert res.history[2]["trigger_norm"] < 0.1 * 3 * 8 * 2
+    assert all("loss_range" in row and "lambda_range" in row for row in res.history)
+    with pytest.raises(ValueError, match="restarts"):
+        inversion.InversionSpec(max_iters=2, restarts=3)
 
 
 def test_same_seed_same_trigger_and_record(tiny_zoo):
@@ -254,7 +276,7 @@ def test_same_seed_same_trigger_and_record(tiny_zoo):
 
 def test_whitebox_gradient_runs_and_counts_unet_evaluations(tiny_zoo):
     res = _invert(tiny_zoo["clean"], 0.5, max_iters=2, batch_size=4, gradient="whitebox",
-                  whitebox_steps=5)
+                  whitebox_steps=5, early_stop=False)
     # 2 iterations x 5 steps x 4 images forward (+ the same again recomputed by checkpointing
     # for the first one's backward... and the second's), then the verdict's full 50-step chain
     assert res.unet_rows >= 2 * 5 * 4 + 50 * 4 and res.iterations == 2
@@ -301,3 +323,37 @@ def test_blank_samples_do_not_make_a_cluster():
     valid = torch.tensor([False] * 8 + [True] * 8)
     assert mscr(torch.ones(16, 4), 0.9, valid) == 0.5
     assert mscr(torch.ones(4, 4), 0.9, torch.zeros(4, dtype=torch.bool)) == 0.0
+
+
+def test_saturated_samples_do_not_make_a_cluster():
+    """Samples the model draws far outside the data range (a strong offset saturates it) are
+    natural targets: they do not form MSCR clusters, though their entropy is in the band."""
+    from diffcleanse.detection import DetectionSpec, out_of_range_fraction, verdict
+
+    g = torch.Generator().manual_seed(0)
+    white = 5 + torch.rand(8, 3, 8, 8, generator=g)  # unclipped, far above 1
+    white[:, :, :2, :2] = torch.rand(8, 3, 2, 2, generator=g) * 2 - 1  # speckles: in-band entropy
+    digits = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
+    images = torch.cat([white, digits])
+    assert out_of_range_fraction(images[:8]).min() > 0.9
+    assert out_of_range_fraction(images[8:]).max() == 0
+    z = torch.cat([torch.ones(8, 16), torch.eye(8, 16)])
+    v = verdict(z, DetectionSpec(), images)
+    assert v["mscr_unfiltered"] == 0.5 and v["out_of_band"] == 8 and not v["backdoored"]
+    assert verdict(z, DetectionSpec(range_band=False), images)["backdoored"]
+
+
+def test_range_loss_pulls_samples_back_into_the_data_range():
+    x = torch.tensor([[[[0.5, 1.5], [-3.0, 0.0]]]], requires_grad=True)
+    loss = detection.range_loss(x, margin=0.0)
+    loss.backward()
+    assert float(loss) == pytest.approx((0.5 + 2.0) / 4)
+    assert x.grad.flatten().tolist() == pytest.approx([0.0, 0.25, -0.25, 0.0])
+    # balanced: λ_r·ℓ_r equals ℓ_s in size; a fixed weight is used as given
+    z = torch.randn(2, 4)
+    _, parts = detection.bbti_loss(x.detach(), z, use_entropy=False, raw=x.detach(),
+                                   range_margin=0.0)
+    assert parts["lambda_range"] * parts["loss_range"] == pytest.approx(parts["loss_similarity"])
+    _, parts = detection.bbti_loss(x.detach(), z, use_entropy=False, raw=x.detach(),
+                                   range_margin=0.0, range_weight=3.0)
+    assert parts["lambda_range"] == 3.0

@@ -36,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "clip:<hub tag or local weights file>")
     scan.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture for clip")
     scan.add_argument("--gradient", choices=["blackbox", "whitebox"], default=None,
-                      help="trigger gradient (default: blackbox, the paper's)")
+                      help="trigger gradient (default: blackbox, the paper's Eq. 1 gradient; "
+                           "whitebox: exact, what the default zoo's config uses)")
+    scan.add_argument("--whitebox-steps", type=int, default=None,
+                      help="sampler steps the white-box gradient differentiates (default: all)")
+    scan.add_argument("--init-scale", type=float, default=None,
+                      help="the trigger starts as SCALE x N(0, 1) (default 1, the paper's)")
+    scan.add_argument("--range-loss", action="store_true",
+                      help="add the range loss (not in the paper; README)")
     scan.add_argument("--batch-size", type=int, default=None)
     scan.add_argument("--max-iters", type=int, default=None)
     scan.add_argument("--target-kind", choices=["image", "class"], default="image",
@@ -93,10 +100,14 @@ def _scan(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     overrides = {k: v for k, v in {"gradient": args.gradient, "batch_size": args.batch_size,
-                                   "max_iters": args.max_iters, "steps": args.steps}.items()
+                                   "max_iters": args.max_iters, "steps": args.steps,
+                                   "whitebox_steps": args.whitebox_steps,
+                                   "init_scale": args.init_scale}.items()
                  if v is not None}
     if args.no_entropy_loss:
         overrides["entropy_loss"] = False
+    if args.range_loss:
+        overrides["range_loss"] = True
     out = Path(args.out) if args.out else Path(f"scan-{Path(args.model.rstrip('/')).name}")
     try:
         rec = inversion.scan_model(args.model, out, sampler=args.sampler, encoder=args.encoder,

@@ -48,6 +48,8 @@ KAPPA = 0.9  # cosine threshold for image targets (paper: D2I)
 KAPPA_CLASS = 0.75  # for class targets (paper: Din/Dout)
 KAPPA_D = 0.5  # MSCR at or above which a model is flagged
 KAPPA_MINUS, KAPPA_PLUS = 0.1, 8.5  # entropy band of Eq. 3, in bits
+RANGE_MARGIN = 0.05  # a value is out of the data range when |x| > 1 + margin (data lie in [-1, 1])
+MAX_OUT_OF_RANGE = 0.05  # a sample is off the data manifold when more of its values are out
 TARGET_KINDS = ("image", "class")
 
 
@@ -64,6 +66,9 @@ class DetectionSpec:
     kappa_minus: float = KAPPA_MINUS
     kappa_plus: float = KAPPA_PLUS
     entropy_bins: int = 4096
+    range_band: bool = True  # count only samples the model drew inside its data range (module doc)
+    range_margin: float = RANGE_MARGIN
+    max_out_of_range: float = MAX_OUT_OF_RANGE
 
     def __post_init__(self) -> None:
         if self.target_kind not in TARGET_KINDS:
@@ -147,13 +152,25 @@ def mscr(z: torch.Tensor, kappa: float = KAPPA, valid: torch.Tensor | None = Non
     return largest_cluster(z, kappa) / n
 
 
+def out_of_range_fraction(images: torch.Tensor, margin: float = RANGE_MARGIN) -> torch.Tensor:
+    """Per sample, the share of values outside the data range [-1 - margin, 1 + margin]."""
+    return (images.detach().abs() > 1 + margin).float().flatten(1).mean(dim=1)
+
+
 def in_band(images: torch.Tensor, spec: DetectionSpec) -> torch.Tensor | None:
-    """Which samples have an entropy in [κ-, κ+] (None when the spec does not filter)."""
-    if not spec.entropy_band:
+    """Which samples can be an attacker's target (None when the spec does not filter): entropy in
+    [κ-, κ+] (``entropy_band``) and drawn inside the data range (``range_band``; ``images`` must
+    then be the sampler's unclipped output)."""
+    if not (spec.entropy_band or spec.range_band):
         return None
-    with torch.no_grad():
-        h = image_entropy(images.detach(), spec.entropy_bins)
-    return (h >= spec.kappa_minus) & (h <= spec.kappa_plus)
+    ok = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+    if spec.entropy_band:
+        with torch.no_grad():
+            h = image_entropy(images.detach(), spec.entropy_bins)
+        ok &= (h >= spec.kappa_minus) & (h <= spec.kappa_plus)
+    if spec.range_band:
+        ok &= out_of_range_fraction(images, spec.range_margin) <= spec.max_out_of_range
+    return ok
 
 
 def similarity_loss(z: torch.Tensor) -> torch.Tensor:
@@ -189,21 +206,45 @@ def entropy_loss(x: torch.Tensor, kappa_minus: float = KAPPA_MINUS, kappa_plus: 
     return (F.relu(h - kappa_plus) + F.relu(kappa_minus - h)).mean()
 
 
+def range_loss(x: torch.Tensor, margin: float = RANGE_MARGIN) -> torch.Tensor:
+    """ℓ_r: mean over samples and values of how far the unclipped samples leave the data range."""
+    return F.relu(x.abs() - (1 + margin)).flatten(1).mean(dim=1).mean()
+
+
+def _balanced(ls: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``λ·term`` with λ such that it equals ℓ_s in size (0 when the term vanishes)."""
+    v = float(term.detach())
+    lam = float(ls.detach()) / v if v > 1e-8 else 0.0
+    return lam * term, lam
+
+
 def bbti_loss(x0: torch.Tensor, z: torch.Tensor, *, use_entropy: bool = True,
               kappa_minus: float = KAPPA_MINUS, kappa_plus: float = KAPPA_PLUS,
-              bins: int = 4096) -> tuple[torch.Tensor, dict[str, float]]:
+              bins: int = 4096, raw: torch.Tensor | None = None,
+              range_margin: float = RANGE_MARGIN, range_weight: float | None = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
     """ℓ = ℓ_s + λ·ℓ_e (Eq. 4) with λ set each step so that λ·ℓ_e equals ℓ_s in size (when ℓ_e > 0).
 
-    Returns the loss and its parts (floats, for logs and records).
+    With ``raw`` (the unclipped samples) the range term ℓ_r is added the same way (λ_r·ℓ_r equal
+    to ℓ_s in size while any value leaves the data range). Returns the loss and its parts (floats,
+    for logs and records).
     """
     ls = similarity_loss(z)
-    parts = {"loss_similarity": float(ls.detach()), "loss_entropy": 0.0, "lambda": 0.0}
-    if not use_entropy:
-        return ls, parts
-    le = entropy_loss(x0, kappa_minus, kappa_plus, bins)
-    lam = float(ls.detach()) / float(le.detach()) if float(le.detach()) > 1e-8 else 0.0
-    parts.update(loss_entropy=float(le.detach()), **{"lambda": lam})
-    return ls + lam * le, parts
+    parts = {"loss_similarity": float(ls.detach()), "loss_entropy": 0.0, "lambda": 0.0,
+             "loss_range": 0.0, "lambda_range": 0.0}
+    loss = ls
+    if use_entropy:
+        le = entropy_loss(x0, kappa_minus, kappa_plus, bins)
+        term, lam = _balanced(ls, le)
+        loss = loss + term
+        parts.update(loss_entropy=float(le.detach()), **{"lambda": lam})
+    if raw is not None:
+        lr_ = range_loss(raw, range_margin)
+        term, lam_r = _balanced(ls, lr_) if range_weight is None else (range_weight * lr_,
+                                                                        range_weight)
+        loss = loss + term
+        parts.update(loss_range=float(lr_.detach()), lambda_range=lam_r)
+    return loss, parts
 
 
 def verdict(z: torch.Tensor, spec: DetectionSpec = DetectionSpec(),
@@ -251,7 +292,7 @@ def detect_from_inversion(record_path: str | Path, samples_path: str | Path, out
         raise ValueError(f"{record_path} was made with encoder {inv['encoder']}, the detection "
                          f"params name {enc.name}: rerun the inversion")
     with torch.no_grad():
-        v = verdict(enc(samples), spec, samples)
+        v = verdict(enc(samples.clamp(-1, 1)), spec, samples)
     rec = make_record(
         "detect", {"detection": spec.describe(), "encoder": enc.describe()}, inv["seed"],
         time.time() - t0, model=inv["model"], method=inv["method"], gradient=inv["gradient"],
@@ -289,7 +330,7 @@ def detection_table(verdicts: list[str | Path], cards: list[str | Path],
         gt, mrow = card["ground_truth"], card["manifest_row"]
         asr = math.nan
         if gt["backdoored"] and not patterns.is_class_target(gt["target"]):
-            x = load_file(str(sp))["samples"]
+            x = load_file(str(sp))["samples"].clamp(-1, 1)
             tgt = patterns.render_target(gt["target"], x.shape[-1], gt["trigger"])
             asr = float((((x - tgt) ** 2).mean(dim=(1, 2, 3)) < mse_threshold).float().mean())
         rows.append({

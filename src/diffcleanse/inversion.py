@@ -27,6 +27,7 @@ sampling is a deterministic function of r and a rerun with the same seed gives t
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,18 +54,22 @@ class InversionSpec:
     """Hyperparameters of one inversion run (every one lands in the record)."""
 
     method: str = "bbti"
-    gradient: str = "blackbox"
+    gradient: str = "blackbox"  # the paper's; the default zoo's config uses whitebox (README)
     sampler: str = "ddpm"  # the model's backdoor sampler (manifest column `sampler`)
     steps: int | None = None  # None: the full chain of training timesteps
-    whitebox_steps: int | None = 10  # sampler steps differentiated by the white-box gradient
+    whitebox_steps: int | None = None  # steps the white-box differentiates (None: `steps`)
     batch_size: int = 16
     max_iters: int = 100
     lr: float = 0.1
+    restarts: int = 1  # independent starts sharing max_iters evenly (each: a new r, a new Adam)
+    init_scale: float = 1.0  # r ~ init_scale · N(0, 1) (paper: 1; the default zoo uses 0.1)
     trigger_bound: float | None = 2.0  # keep r in [-b, b] after each step (None: unbounded)
     entropy_loss: bool = True  # False: ℓ_s alone (the paper's Table 3 ablation)
     kappa_minus: float = detection.KAPPA_MINUS
     kappa_plus: float = detection.KAPPA_PLUS
     entropy_bins: int = 4096
+    range_loss: bool = False  # add ℓ_r: keep unclipped samples in the data range (not in paper)
+    range_weight: float | None = None  # None: balanced against ℓ_s each step, like λ of ℓ_e
     early_stop: bool = True
 
     def __post_init__(self) -> None:
@@ -79,6 +84,8 @@ class InversionSpec:
                              f"{', '.join(sampling.SAMPLERS)}")
         if self.batch_size < 2 or self.max_iters < 1:
             raise ValueError("batch_size must be >= 2 and max_iters >= 1")
+        if not 1 <= self.restarts <= self.max_iters:
+            raise ValueError("restarts must lie in [1, max_iters]")
 
     def sampler_spec(self, whitebox: bool = False) -> sampling.SamplerSpec:
         """The sampler used for backdoor sampling (never clipping)."""
@@ -95,7 +102,7 @@ class InversionResult:
     """What an inversion returns: the trigger, the samples it makes, and the detection evidence."""
 
     trigger: torch.Tensor  # (C, H, W), additive offset: backdoor input = noise + trigger
-    samples: torch.Tensor  # (N, C, H, W) in [-1, 1], final backdoor samples with the trigger
+    samples: torch.Tensor  # (N, C, H, W) final backdoor samples with the trigger, unclipped
     verdict: dict[str, Any]  # detection.verdict on the samples' embeddings
     iterations: int  # optimisation iterations run (Adam steps taken + the final check)
     stopped_early: bool
@@ -153,6 +160,19 @@ def backdoor_sample(unet: torch.nn.Module, scheduler_config: dict[str, Any], x_T
     return x
 
 
+def _verdict_sample(unet: torch.nn.Module, scheduler_config: dict[str, Any], encoder: Encoder,
+                    noise: torch.Tensor, r: torch.Tensor, spec: sampling.SamplerSpec, seed: int,
+                    detect: detection.DetectionSpec
+                    ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(MSCR, trigger, samples) from one no-grad pass of the verdict sampler from noise + r."""
+    r = r.detach().clone()
+    x0 = backdoor_sample(unet, scheduler_config, noise + r, spec, seed).detach()
+    with torch.no_grad():
+        score = detection.mscr(encoder(x0.clamp(-1, 1)), detect.active_kappa,
+                               detection.in_band(x0, detect))
+    return score, r, x0
+
+
 def blackbox_alpha_hat(scheduler_config: dict[str, Any]) -> float:
     """α̂_T = sqrt(ᾱ_T) of Eq. 1 at the last training timestep (the black-box gradient's scale)."""
     from diffcleanse.models import scheduler_from_config
@@ -186,11 +206,16 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
     encoder = encoder.to(device)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((spec.batch_size, c, h, w), generator=g).to(device)
-    r = torch.randn((1, c, h, w), generator=g).to(device)
-    if spec.trigger_bound is not None:
-        r = r.clamp(-spec.trigger_bound, spec.trigger_bound)
-    r.requires_grad_(True)
-    opt = torch.optim.Adam([r], lr=spec.lr)
+
+    def fresh_start() -> tuple[torch.Tensor, torch.optim.Adam]:
+        r = spec.init_scale * torch.randn((1, c, h, w), generator=g).to(device)
+        if spec.trigger_bound is not None:
+            r = r.clamp(-spec.trigger_bound, spec.trigger_bound)
+        r.requires_grad_(True)
+        return r, torch.optim.Adam([r], lr=spec.lr)
+
+    r, opt = fresh_start()
+    per_start = math.ceil(spec.max_iters / spec.restarts)
     sample_seed = derive_seed(seed, "sampler-noise")
     full, few = spec.sampler_spec(), spec.sampler_spec(whitebox=True)
     white = spec.gradient == "whitebox"
@@ -198,10 +223,13 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
     counter = _Counter(unet)
     t0 = time.time()
     history: list[dict[str, float]] = []
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None  # by the score optimised on
+    confirmed: tuple[float, torch.Tensor, torch.Tensor] | None = None  # by the verdict sampler
     stopped = False
     try:
         for it in range(spec.max_iters):
+            if it and it % per_start == 0:  # the next start: a new trigger and a fresh Adam
+                r, opt = fresh_start()
             opt.zero_grad(set_to_none=True)
             x_T = noise + r if white else (noise + r).detach()
             x0 = backdoor_sample(unet, scheduler_config, x_T, few if white else full, sample_seed,
@@ -210,17 +238,29 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
                 x0 = x0.detach().requires_grad_(True)
             xs = _ste_clamp(x0)
             z = encoder(xs)
-            score = detection.mscr(z, detect.active_kappa, detection.in_band(xs, detect))
-            row = {"iteration": it, "mscr": score, "trigger_norm": float(r.detach().norm())}
+            score = detection.mscr(z, detect.active_kappa, detection.in_band(x0, detect))
+            row = {"iteration": it, "start": it // per_start, "mscr": score,
+                   "trigger_norm": float(r.detach().norm())}
             if best is None or score >= best[0]:
-                best = (score, r.detach().clone(), xs.detach().clone())
+                best = (score, r.detach().clone(), x0.detach().clone())
             if spec.early_stop and score >= detect.kappa_d:
-                history.append(row)
-                stopped = True
-                break
+                # the white-box's few-step samples only nominate: the verdict sampler decides
+                check = (score, r.detach().clone(), x0.detach()) if not white else \
+                    _verdict_sample(unet, scheduler_config, encoder, noise, r, full,
+                                    sample_seed, detect)
+                row["mscr_verdict_sampler"] = check[0]
+                if confirmed is None or check[0] >= confirmed[0]:
+                    confirmed = check
+                if check[0] >= detect.kappa_d:
+                    history.append(row)
+                    stopped = True
+                    break
             loss, parts = detection.bbti_loss(xs, z, use_entropy=spec.entropy_loss,
                                               kappa_minus=spec.kappa_minus,
-                                              kappa_plus=spec.kappa_plus, bins=spec.entropy_bins)
+                                              kappa_plus=spec.kappa_plus, bins=spec.entropy_bins,
+                                              raw=x0 if spec.range_loss else None,
+                                              range_margin=detect.range_margin,
+                                              range_weight=spec.range_weight)
             if not torch.isfinite(loss):
                 raise InversionError(f"the loss became {float(loss)} at iteration {it}")
             loss.backward()
@@ -235,16 +275,18 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
             if progress or it % 10 == 0:
                 log.info("iteration %d: MSCR %.3f loss %.4f", it, score, row["loss"])
         assert best is not None
-        score, r_best, samples = best
         if white:  # verdict with the configured sampler, as for the black-box variant
-            samples = _ste_clamp(backdoor_sample(unet, scheduler_config, noise + r_best, full,
-                                                 sample_seed)).detach()
+            best = _verdict_sample(unet, scheduler_config, encoder, noise, best[1], full,
+                                   sample_seed, detect)
+        if confirmed is not None and confirmed[0] >= best[0]:
+            best = confirmed
+        _, r_best, samples = best
         with torch.no_grad():
-            final = detection.verdict(encoder(samples), detect, samples)
+            final = detection.verdict(encoder(samples.clamp(-1, 1)), detect, samples)
     finally:
         counter.close()
     seconds = time.time() - t0
-    return InversionResult(trigger=r_best[0].cpu(), samples=samples.clamp(-1, 1).cpu(),
+    return InversionResult(trigger=r_best[0].cpu(), samples=samples.cpu(),
                            verdict=final, iterations=len(history), stopped_early=stopped,
                            seconds=seconds, unet_rows=counter.rows, history=history)
 
@@ -299,7 +341,8 @@ def save_outputs(result: InversionResult, out: dict[str, str | Path], record: di
              f"[{float(r.min()):.2f}, {float(r.max()):.2f}])\nencoder {record['encoder']}")
     reporting.image_rows([("trigger", shown[None])], title, out["trigger_png"])
     n = min(len(result.samples), 16)
-    rows = [(f"noise +\ntrigger {i // 8 + 1}", result.samples[i:i + 8]) for i in range(0, n, 8)]
+    shown_x = result.samples.clamp(-1, 1)
+    rows = [(f"noise +\ntrigger {i // 8 + 1}", shown_x[i:i + 8]) for i in range(0, n, 8)]
     s = record["sampler"]
     title = (f"{record.get('model', '')}: MSCR {v['mscr']:.2f} (κ={record['active_kappa']}) -> "
              f"{record['verdict']}\n{s['name']} {s['steps'] or 'all'} steps, clip_sample="
