@@ -47,7 +47,7 @@ def test_smoke_workflow_inverts_detects_and_tabulates(smoke_run):
         verdict = json.loads(
             (wd / f"results/detection/{model}/method~bbti/verdict.json").read_text()
         )
-        assert verdict["verdict"] in ("clean", "backdoored") and 0 < verdict["mscr"] <= 1
+        assert verdict["verdict"] in ("clean", "backdoored") and 0 <= verdict["mscr"] <= 1
         assert verdict["mscr"] == rec["mscr"] and verdict["encoder"] == "classifier:digits_16"
         assert rec["sampler"]["clip_sample"] is False and rec["batch_size"] == 8
         assert rec["params"]["inversion"]["max_iters"] == 3 and "seed" in rec
