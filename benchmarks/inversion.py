@@ -52,9 +52,10 @@ def gradient_alignment(unet: torch.nn.Module, cfg: dict, enc: encoders.Encoder,
     towards = (r_true[None] - r0).flatten()
     full = spec.sampler_spec()
 
+    detect = detection.DetectionSpec()
+
     def loss_of(x0: torch.Tensor) -> torch.Tensor:
-        xs = inversion._ste_clamp(x0)
-        return detection.bbti_loss(xs, enc(xs), raw=x0)[0]
+        return inversion.objective(x0, enc(inversion._ste_clamp(x0)), spec, detect)[0]
 
     def cos(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
@@ -122,7 +123,7 @@ def main() -> None:
     if args.trigger:
         r_true = patterns.render_trigger(args.trigger, size)
         spec = inversion.InversionSpec(sampler=args.sampler, steps=args.steps,
-                                       batch_size=args.batch_size)
+                                       batch_size=args.batch_size, range_loss=True)
         print("gradient alignment at r = c*r_true + 0.1*N(0, 1): cos(-dl/dr, r_true - r) per "
               "gradient, and cos(black-box, exact) (how well Eq. 1 approximates the gradient)")
         for c in (0.0, 0.3, 0.6):

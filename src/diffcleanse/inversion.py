@@ -160,6 +160,16 @@ def backdoor_sample(unet: torch.nn.Module, scheduler_config: dict[str, Any], x_T
     return x
 
 
+def objective(x0: torch.Tensor, z: torch.Tensor, spec: InversionSpec,
+              detect: detection.DetectionSpec) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss BBTI minimises on unclipped samples ``x0`` and their embeddings ``z`` (of the
+    clamped samples): ℓ_s + λ·ℓ_e, plus λ_r·ℓ_r with ``spec.range_loss``."""
+    return detection.bbti_loss(_ste_clamp(x0), z, use_entropy=spec.entropy_loss,
+                               kappa_minus=spec.kappa_minus, kappa_plus=spec.kappa_plus,
+                               bins=spec.entropy_bins, raw=x0 if spec.range_loss else None,
+                               range_margin=detect.range_margin, range_weight=spec.range_weight)
+
+
 def _verdict_sample(unet: torch.nn.Module, scheduler_config: dict[str, Any], encoder: Encoder,
                     noise: torch.Tensor, r: torch.Tensor, spec: sampling.SamplerSpec, seed: int,
                     detect: detection.DetectionSpec
@@ -238,7 +248,8 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
                 x0 = x0.detach().requires_grad_(True)
             xs = _ste_clamp(x0)
             z = encoder(xs)
-            score = detection.mscr(z, detect.active_kappa, detection.in_band(x0, detect))
+            score = detection.mscr(z.detach(), detect.active_kappa,
+                                   detection.in_band(x0, detect))
             row = {"iteration": it, "start": it // per_start, "mscr": score,
                    "trigger_norm": float(r.detach().norm())}
             if best is None or score >= best[0]:
@@ -255,12 +266,7 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
                     history.append(row)
                     stopped = True
                     break
-            loss, parts = detection.bbti_loss(xs, z, use_entropy=spec.entropy_loss,
-                                              kappa_minus=spec.kappa_minus,
-                                              kappa_plus=spec.kappa_plus, bins=spec.entropy_bins,
-                                              raw=x0 if spec.range_loss else None,
-                                              range_margin=detect.range_margin,
-                                              range_weight=spec.range_weight)
+            loss, parts = objective(x0, z, spec, detect)
             if not torch.isfinite(loss):
                 raise InversionError(f"the loss became {float(loss)} at iteration {it}")
             loss.backward()
