@@ -2,9 +2,11 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from diffcleanse import cli, models
 
@@ -95,4 +97,33 @@ def test_scan_image_size_check(tiny_zoo, tmp_path, capsys, size):
     args = ["scan", str(tiny_zoo["clean"]), "--out", str(out), "--image-size", str(size)]
     assert cli.main([*args, *FAST]) == 2
     assert "8-pixel" in capsys.readouterr().err
+    _assert_nothing_written(out)
+
+
+def test_scan_takes_a_workflow_configs_settings(tiny_zoo, tmp_path):
+    """--config: the default zoo's inversion settings, with the command-line flags on top."""
+    out = tmp_path / "scan"
+    config = Path(__file__).resolve().parents[1] / "config.yaml"
+    status = cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--config", str(config),
+                       "--max-iters", "4", "--batch-size", "4", "--threads", "1"])
+    assert status in (0, 1)
+    rec = json.loads((out / "record.json").read_text())
+    wanted = yaml.safe_load(config.read_text())["inversion"]
+    used = rec["params"]["inversion"]
+    assert rec["gradient"] == wanted["gradient"] == "whitebox"
+    assert used["restarts"] == wanted["restarts"] and used["init_scale"] == wanted["init_scale"]
+    assert used["range_loss"] is True and used["batch_size"] == 4 and used["max_iters"] == 4
+    assert rec["params"]["detection"]["range_band"] is True
+
+
+@pytest.mark.parametrize("text, needle", [(None, "does not exist"),
+                                          ("seed: 0\n", "no `inversion:` section")])
+def test_scan_bad_config_is_an_error(tiny_zoo, tmp_path, capsys, text, needle):
+    config = tmp_path / "config.yaml"
+    if text is not None:
+        config.write_text(text)
+    out = tmp_path / "scan"
+    assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--config", str(config),
+                     *FAST]) == 2
+    assert needle in capsys.readouterr().err
     _assert_nothing_written(out)

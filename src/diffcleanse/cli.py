@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="add the range loss (not in the paper; README)")
     scan.add_argument("--batch-size", type=int, default=None)
     scan.add_argument("--max-iters", type=int, default=None)
+    scan.add_argument("--restarts", type=int, default=None,
+                      help="independent starts sharing --max-iters (default 1, the paper's)")
+    scan.add_argument("--config", default=None, metavar="YAML",
+                      help="take the inversion: and detection: settings of a workflow config "
+                           "(e.g. config.yaml) instead of the paper's; the flags above override")
     scan.add_argument("--target-kind", choices=["image", "class"], default="image",
                       help="image: κ = 0.9; class: κ = 0.75 (class-target attacks)")
     scan.add_argument("--no-entropy-loss", action="store_true", help="ℓ_s alone (ablation)")
@@ -102,7 +107,8 @@ def _scan(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"gradient": args.gradient, "batch_size": args.batch_size,
                                    "max_iters": args.max_iters, "steps": args.steps,
                                    "whitebox_steps": args.whitebox_steps,
-                                   "init_scale": args.init_scale}.items()
+                                   "init_scale": args.init_scale,
+                                   "restarts": args.restarts}.items()
                  if v is not None}
     if args.no_entropy_loss:
         overrides["entropy_loss"] = False
@@ -114,7 +120,9 @@ def _scan(args: argparse.Namespace) -> int:
                               clip_model=args.clip_model, target_kind=args.target_kind,
                               seed=args.seed, allow_pickle=args.allow_pickle,
                               image_size=args.image_size, device=args.device,
-                              threads=args.threads, inversion_overrides=overrides)
+                              threads=args.threads, inversion_overrides=overrides,
+                              config=inversion.load_scan_config(args.config)
+                              if args.config else None)
     except Exception as err:  # every failure becomes exit status 2 with its message
         print(f"diffcleanse scan: error: {err}", file=sys.stderr)
         return 2

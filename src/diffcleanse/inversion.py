@@ -393,16 +393,37 @@ SCAN_FILES = {"trigger": "trigger.safetensors", "trigger_png": "trigger.png",
               "record": "record.json"}
 
 
+def load_scan_config(path: str | Path) -> dict[str, Any]:
+    """The ``inversion:`` and ``detection:`` sections of a workflow config file, for ``scan``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist (--config)")
+    cfg = yaml.safe_load(path.read_text())
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("inversion"), dict):
+        raise ValueError(f"{path} has no `inversion:` section: pass a workflow config such as "
+                         f"config.yaml (--config)")
+    det = cfg.get("detection") or {}
+    if not isinstance(det, dict):
+        raise ValueError(f"{path}: `detection:` must be a mapping (--config)")
+    return {"inversion": cfg["inversion"], "detection": det}
+
+
 def scan_model(model: str, out_dir: str | Path, *, sampler: str = "ddpm", encoder: str = "pixels",
                clip_model: str = "ViT-B-32", target_kind: str = "image", seed: int = 0,
                allow_pickle: bool = False, image_size: int | None = None, device: str = "auto",
                threads: int | None = None,
-               inversion_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+               inversion_overrides: dict[str, Any] | None = None,
+               config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stage 1 on one model outside the workflow (``diffcleanse scan``); returns the record.
 
-    ``model`` is a local diffusers directory or a hub id. The outputs (``SCAN_FILES``) appear in
-    ``out_dir`` all together or not at all; an existing ``out_dir`` is replaced only when it holds
-    an earlier scan's record. Every check (model, channels, weights, encoder) runs before writing.
+    ``model`` is a local diffusers directory or a hub id. Settings are the paper's protocol, or
+    with ``config`` (``load_scan_config``) a workflow config's ``inversion:`` and ``detection:``;
+    ``sampler``, ``target_kind`` and ``inversion_overrides`` override either. The outputs
+    (``SCAN_FILES``) appear in ``out_dir`` all together or not at all; an existing ``out_dir`` is
+    replaced only when it holds an earlier scan's record. Every check (model, channels, weights,
+    encoder) runs before writing.
     """
     from diffcleanse import encoders, models
     from diffcleanse.records import atomic_path
@@ -414,8 +435,11 @@ def scan_model(model: str, out_dir: str | Path, *, sampler: str = "ddpm", encode
                                                      and not (out_dir / "record.json").is_file())):
         raise FileExistsError(f"{out_dir} exists and is not an earlier scan's output: choose --out")
     dev = str(sampling.resolve_device(device))
-    spec = InversionSpec(sampler=sampler, **(inversion_overrides or {}))
-    detect = detection.DetectionSpec(target_kind=target_kind)
+    config = config or {}
+    spec = spec_from_params({**config.get("inversion", {}), "sampler": sampler,
+                             **(inversion_overrides or {})})
+    detect = detection.spec_from_params({**config.get("detection", {}),
+                                         "target_kind": target_kind})
     local = models.fetch(model, allow_pickle=allow_pickle)
     unet, sched_cfg = models.load_model(local, allow_pickle=allow_pickle, device=dev,
                                         expected_channels=3)
