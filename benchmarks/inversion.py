@@ -55,7 +55,7 @@ def gradient_alignment(unet: torch.nn.Module, cfg: dict, enc: encoders.Encoder,
     detect = detection.DetectionSpec()
 
     def loss_of(x0: torch.Tensor) -> torch.Tensor:
-        return inversion.objective(x0, enc(inversion._ste_clamp(x0)), spec, detect)[0]
+        return inversion.objective(x0, inversion.embed(enc, x0), spec, detect)[0]
 
     def cos(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))

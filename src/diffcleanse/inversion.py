@@ -160,6 +160,12 @@ def backdoor_sample(unet: torch.nn.Module, scheduler_config: dict[str, Any], x_T
     return x
 
 
+def embed(encoder: Encoder, x0: torch.Tensor) -> torch.Tensor:
+    """Embeddings of unclipped samples: clamped to the data range with a straight-through
+    gradient, then encoded (what MSCR and ℓ_s see)."""
+    return encoder(_ste_clamp(x0))
+
+
 def objective(x0: torch.Tensor, z: torch.Tensor, spec: InversionSpec,
               detect: detection.DetectionSpec) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss BBTI minimises on unclipped samples ``x0`` and their embeddings ``z`` (of the
@@ -246,8 +252,7 @@ def invert_trigger(unet: torch.nn.Module, scheduler_config: dict[str, Any], enco
                                  differentiable=white)
             if not white:
                 x0 = x0.detach().requires_grad_(True)
-            xs = _ste_clamp(x0)
-            z = encoder(xs)
+            z = embed(encoder, x0)
             score = detection.mscr(z.detach(), detect.active_kappa,
                                    detection.in_band(x0, detect))
             row = {"iteration": it, "start": it // per_start, "mscr": score,
