@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
-from diffcleanse import cli, models
+from diffcleanse import cli, models, scan
 
 FAST = ["--max-iters", "2", "--batch-size", "4", "--threads", "1"]
 
@@ -29,9 +30,71 @@ def test_scan_writes_trigger_grid_and_record(tiny_zoo, tmp_path, capsys):
     for name in ("trigger.safetensors", "trigger.png", "samples.png", "samples.safetensors"):
         assert (out / name).stat().st_size > 0
     assert rec["encoder"] == "pixels" and rec["sampler"]["clip_sample"] is False
-    assert rec["batch_size"] == 4 and rec["iterations"] >= 1 and rec["seconds"] > 0
-    for key in ("mscr", "kappa", "kappa_class", "kappa_d", "seed", "steps", "diffcleanse_version"):
+    bbti = rec["by_method"]["bbti"]
+    assert rec["batch_size"] == 4 and bbti["iterations"] >= 1 and bbti["seconds"] > 0
+    # the total counts start-up and loading too, so it is longer than the inversion alone
+    assert rec["seconds"] > bbti["seconds"] and "start-up" in text
+    assert set(bbti["readings"]) == {"clique", "pairs", "unbanded"}
+    for key in ("mscr", "kappa_d", "active_kappa", "seed", "diffcleanse_version", "params"):
         assert key in rec
+    assert not scan.state_dir_for(out).exists()  # a finished scan leaves no state behind
+
+
+def test_scan_resumes_an_interrupted_run_to_the_same_result(tiny_zoo, tmp_path, monkeypatch,
+                                                            capsys):
+    args = ["--max-iters", "6", "--restarts", "2", "--batch-size", "4", "--threads", "1",
+            "--seed", "3"]
+    ref = tmp_path / "ref"
+    assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(ref), *args]) in (0, 1)
+    real = scan._progress
+    calls = {"n": 0}
+
+    def interrupting(method, verbose, total):
+        def report(row):
+            calls["n"] += 1
+            if calls["n"] == 3:  # in the middle of the second iteration of the two starts
+                raise KeyboardInterrupt
+        return report
+
+    out = tmp_path / "scan"
+    monkeypatch.setattr(scan, "_progress", interrupting)
+    assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), *args]) == 2
+    assert "resume" in capsys.readouterr().err and not out.exists()
+    assert list(scan.state_dir_for(out).rglob("bbti-*.json"))  # the state of iteration 1 is kept
+    monkeypatch.setattr(scan, "_progress", real)
+    assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), *args]) in (0, 1)
+    a = load_file(str(ref / "trigger.safetensors"))["trigger"]
+    b = load_file(str(out / "trigger.safetensors"))["trigger"]
+    assert torch.equal(a, b)
+    ra = json.loads((ref / "record.json").read_text())["by_method"]["bbti"]
+    rb = json.loads((out / "record.json").read_text())["by_method"]["bbti"]
+    assert ra["mscr"] == rb["mscr"] and ra["iterations"] == rb["iterations"] == 6
+
+
+def test_scan_verbose_prints_every_iteration(tiny_zoo, tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--verbose",
+                     *FAST]) in (0, 1)
+    text = capsys.readouterr().out
+    assert "[bbti] start 0 iteration 0/2" in text and "[bbti] start 0 iteration 1/2" in text
+
+
+def test_scan_bad_restarts_names_the_flag_and_the_key(tiny_zoo, tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--max-iters", "2",
+                     "--restarts", "3", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--restarts" in err and "inversion.bbti.restarts" in err and "--max-iters" in err
+    _assert_nothing_written(out)
+
+
+def test_scan_unknown_method_is_an_error(tiny_zoo, tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--method", "nope",
+                     *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "unknown inversion method 'nope'" in err and "bbti" in err
+    _assert_nothing_written(out)
 
 
 def test_scan_missing_model_is_an_error(tmp_path, capsys):
@@ -44,7 +107,8 @@ def test_scan_missing_model_is_an_error(tmp_path, capsys):
 def test_scan_offline_hub_id_is_an_error(tmp_path, capsys):
     out = tmp_path / "scan"
     assert cli.main(["scan", "hub:nobody/no-such-model", "--out", str(out), *FAST]) == 2
-    assert "could not fetch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nobody/no-such-model" in err and "local:<dir>" in err
     _assert_nothing_written(out)
 
 
@@ -54,7 +118,7 @@ def test_scan_wrong_channel_count_is_an_error(tmp_path, capsys):
                                         in_channels=1), models.build_scheduler(10), d)
     out = tmp_path / "scan"
     assert cli.main(["scan", str(d), "--out", str(out), *FAST]) == 2
-    assert "1 channels, expected 3" in capsys.readouterr().err
+    assert "1-channel inputs" in capsys.readouterr().err
     _assert_nothing_written(out)
 
 
@@ -100,20 +164,28 @@ def test_scan_image_size_check(tiny_zoo, tmp_path, capsys, size):
     _assert_nothing_written(out)
 
 
-def test_scan_takes_a_workflow_configs_settings(tiny_zoo, tmp_path):
-    """--config: the default zoo's inversion settings, with the command-line flags on top."""
+def test_scan_takes_a_workflow_configs_settings(tiny_zoo, tmp_path, capsys):
+    """--config: the default zoo's inversion settings, with the command-line flags on top; the
+    config's classifier encoder is honoured by asking for its directory, never ignored."""
     out = tmp_path / "scan"
     config = Path(__file__).resolve().parents[1] / "config.yaml"
-    status = cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--config", str(config),
-                       "--max-iters", "4", "--batch-size", "4", "--threads", "1"])
+    base = ["scan", str(tiny_zoo["clean"]), "--out", str(out), "--config", str(config),
+            "--max-iters", "4", "--batch-size", "4", "--threads", "1", "--method", "bbti"]
+    assert cli.main(base) == 2
+    assert "detection.encoder is `classifier`" in capsys.readouterr().err
+    _assert_nothing_written(out)
+    status = cli.main([*base, "--encoder", "pixels"])
     assert status in (0, 1)
     rec = json.loads((out / "record.json").read_text())
-    wanted = yaml.safe_load(config.read_text())["inversion"]
-    used = rec["params"]["inversion"]
-    assert rec["gradient"] == wanted["gradient"] == "whitebox"
-    assert used["restarts"] == wanted["restarts"] and used["init_scale"] == wanted["init_scale"]
-    assert used["range_loss"] is True and used["batch_size"] == 4 and used["max_iters"] == 4
-    assert rec["params"]["detection"]["range_band"] is True
+    cfg = yaml.safe_load(config.read_text())["inversion"]
+    assert "bbti" in cfg["methods"] and rec["methods"] == ["bbti"]  # --method over the config's
+    assert rec["batch_size"] == 4
+    assert rec["encoder"] == "pixels"
+    used = rec["params_by_method"]["bbti"]  # every setting of the run, defaults included
+    assert used["gradient"] == cfg["bbti"]["gradient"] == "whitebox"
+    assert used["restarts"] == cfg["bbti"]["restarts"]
+    assert used["init_scale"] == cfg["bbti"]["init_scale"] and used["range_loss"] is True
+    assert used["max_iters"] == 4 and rec["by_method"]["bbti"]["iterations"] <= 4
 
 
 @pytest.mark.parametrize("text, needle", [(None, "does not exist"),
@@ -127,3 +199,82 @@ def test_scan_bad_config_is_an_error(tiny_zoo, tmp_path, capsys, text, needle):
                      *FAST]) == 2
     assert needle in capsys.readouterr().err
     _assert_nothing_written(out)
+
+
+def test_scan_with_several_methods_keeps_each_methods_evidence(tiny_zoo, tmp_path, capsys):
+    config = tmp_path / "few.yaml"
+    config.write_text(yaml.safe_dump({
+        "inversion": {"methods": ["bbti", "elijah"], "batch_size": 10,
+                      "bbti": {"max_iters": 2}, "elijah": {"epochs": 3, "batch": 8}},
+        "detection": {"encoder": "pixels"}}))
+    out = tmp_path / "scan"
+    status = cli.main(["scan", str(tiny_zoo["backdoored"]), "--out", str(out), "--config",
+                       str(config), "--threads", "1"])
+    text = capsys.readouterr().out
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["methods"] == ["bbti", "elijah"] and set(rec["by_method"]) == {"bbti", "elijah"}
+    assert status == (1 if rec["backdoored"] else 0)
+    # flagged when any method's trigger reaches kappa_d; the best trigger is the one kept
+    assert rec["backdoored"] == any(v["verdict"] == "backdoored"
+                                    for v in rec["by_method"].values())
+    best = max(rec["by_method"], key=lambda m: rec["by_method"][m]["mscr"])
+    assert rec["trigger_method"] == best
+    for m in ("bbti", "elijah"):
+        assert (out / f"method~{m}" / "trigger.safetensors").is_file()
+        assert f"  {m}" in text
+    assert "uniformity[pixels-mse]" in rec["by_method"]["elijah"]["statistics"]
+    a = load_file(str(out / "trigger.safetensors"))["trigger"]
+    b = load_file(str(out / f"method~{best}" / "trigger.safetensors"))["trigger"]
+    assert torch.equal(a, b)
+
+
+def test_bbti_options_without_bbti_are_an_error(tiny_zoo, tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--method", "elijah",
+                     "--gradient", "whitebox"]) == 2
+    assert "bbti is not among the methods" in capsys.readouterr().err
+    _assert_nothing_written(out)
+
+
+def test_repair_command_starts_from_an_existing_trigger_file(tiny_zoo, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from diffcleanse import patterns
+
+    r = tiny_zoo["recipe"]
+    trig = tmp_path / "trigger.safetensors"
+    save_file({"trigger": patterns.render_trigger(r["trigger"], r["image_size"])}, str(trig))
+    out = tmp_path / "fixed"
+    small = ["--samples", "32", "--steps", "10", "--epochs", "1", "--batch-size", "16",
+             "--threads", "1"]
+    assert cli.main(["repair", str(tiny_zoo["backdoored"]), "--trigger", str(trig), "--out",
+                     str(out), *small]) == 0
+    assert "repaired model written to" in capsys.readouterr().out
+    unet, sched = models.load_model(out)
+    assert sched["clip_sample"] is False
+    rec = json.loads((out / "repair.json").read_text())
+    assert "10 steps" in rec["params"]["data"]  # --steps reached the synthetic-data sampler
+    bad = tmp_path / "bad.safetensors"
+    save_file({"trigger": torch.zeros(3, 16, 16)}, str(bad))
+    assert cli.main(["repair", str(tiny_zoo["backdoored"]), "--trigger", str(bad), "--out",
+                     str(tmp_path / "no"), *small]) == 2
+    assert "shape" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_scan_saves_its_state_when_the_flagged_start_is_also_the_best(tiny_zoo, tmp_path):
+    """Regression: a flagged start that is also the best candidate holds one tensor under two keys
+    of the resumable state; saving it must not fail (safetensors refuses shared storage)."""
+    config = tmp_path / "config.yaml"
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    base["inversion"]["methods"] = ["bbti"]
+    base["inversion"]["bbti"]["gradient"] = "blackbox"
+    base["detection"]["kappa_d"] = 1e-6  # every first iteration flags
+    base["detection"]["encoder"] = "pixels"
+    config.write_text(yaml.safe_dump(base))
+    out = tmp_path / "scan"
+    status = cli.main(["scan", str(tiny_zoo["backdoored"]), "--out", str(out), "--config",
+                       str(config), "--max-iters", "2", "--restarts", "1", "--batch-size", "4",
+                       "--threads", "1"])
+    assert status == 1  # flagged, at the first iteration
+    rec = json.loads((out / "record.json").read_text())["by_method"]["bbti"]
+    assert rec["verdict"] == "backdoored" and rec["iterations"] == 1

@@ -152,6 +152,20 @@ def mscr(z: torch.Tensor, kappa: float = KAPPA, valid: torch.Tensor | None = Non
     return largest_cluster(z, kappa) / n
 
 
+def mscr_pairs(z: torch.Tensor, kappa: float = KAPPA, valid: torch.Tensor | None = None) -> float:
+    """MSCR as the official Diff-Cleanse code counts it: the share of samples that belong to *any*
+    pair with cosine similarity above κ (the union of similar pairs, not a mutual cluster)."""
+    n = z.shape[0]
+    idx = torch.arange(n, device=z.device)
+    if valid is not None:
+        idx = idx[valid.to(z.device)]
+    if len(idx) < 2:
+        return 0.0
+    sim = cosine_matrix(z[idx].detach()) > kappa
+    sim.fill_diagonal_(False)
+    return float(sim.any(dim=1).sum()) / n
+
+
 def out_of_range_fraction(images: torch.Tensor, margin: float = RANGE_MARGIN) -> torch.Tensor:
     """Per sample, the share of values outside the data range [-1 - margin, 1 + margin]."""
     return (images.detach().abs() > 1 + margin).float().flatten(1).mean(dim=1)
@@ -251,15 +265,19 @@ def verdict(z: torch.Tensor, spec: DetectionSpec = DetectionSpec(),
             images: torch.Tensor | None = None) -> dict[str, Any]:
     """MSCR at both κ's (for the record) and the verdict at ``spec.active_kappa``.
 
-    With ``images`` (the samples ``z`` embeds) and ``spec.entropy_band``, only in-band samples form
-    clusters; the record also gives the plain MSCR and how many samples were out of the band.
+    With ``images`` (the samples ``z`` embeds) and the bands on, only in-band samples form
+    clusters. Three readings are kept (``readings``): ``clique`` (the largest mutual cluster among
+    in-band samples: the verdict's), ``pairs`` (the union of similar pairs among in-band samples,
+    as the official code counts) and ``unbanded`` (the clique without the entropy and range bands).
     """
     valid = in_band(images, spec) if images is not None else None
     m_img, m_cls = mscr(z, spec.kappa, valid), mscr(z, spec.kappa_class, valid)
     score = m_cls if spec.target_kind == "class" else m_img
     plain = mscr(z, spec.active_kappa)
+    readings = {"clique": score, "pairs": mscr_pairs(z, spec.active_kappa, valid),
+                "unbanded": plain}
     return {"mscr": score, "mscr_kappa": m_img, "mscr_kappa_class": m_cls,
-            "mscr_unfiltered": plain,
+            "mscr_unfiltered": plain, "readings": readings, "reading": "clique",
             "out_of_band": int((~valid).sum()) if valid is not None else 0,
             "backdoored": bool(score >= spec.kappa_d), "n_embeddings": int(z.shape[0])}
 
@@ -296,6 +314,7 @@ def detect_from_inversion(record_path: str | Path, samples_path: str | Path, out
     rec = make_record(
         "detect", {"detection": spec.describe(), "encoder": enc.describe()}, inv["seed"],
         time.time() - t0, model=inv["model"], method=inv["method"], gradient=inv["gradient"],
+        seed_index=inv.get("seed_index", 0), statistics=inv.get("statistics", {}),
         mscr=v["mscr"], backdoored=v["backdoored"],
         verdict="backdoored" if v["backdoored"] else "clean", detection=v,
         encoder=enc.name, sampler=inv["sampler"], steps=inv["steps"],
@@ -306,60 +325,231 @@ def detect_from_inversion(record_path: str | Path, samples_path: str | Path, out
     return rec
 
 
-def detection_table(verdicts: list[str | Path], cards: list[str | Path],
-                    samples: list[str | Path], out_csv: str | Path, out_md: str | Path, *,
-                    mse_threshold: float) -> pd.DataFrame:
-    """Aggregate verdicts into the paper's Table 1 (an aggregation step: it reads the zoo cards).
+def combine_verdicts(verdict_paths: list[str | Path], trigger_paths: list[str | Path],
+                     out_verdict: str | Path, out_trigger: str | Path, *,
+                     methods: list[str], seeds: list[str]) -> dict[str, Any]:
+    """A model's combined verdict (the ``detect`` checkpoint) from its per-method verdicts.
 
-    Per model: the verdict against the ground truth and the ASR of the inverted trigger (share of
-    its backdoor samples within ``mse_threshold`` MSE of the true target; class targets: n/a here).
-    Per (attack, group): ACC and the mean ASR over backdoored models. Writes CSV (per model) and
-    Markdown (summary, protocol, per model).
+    Per seed index the model is flagged when any method's trigger reaches κ_d under the model's own
+    sampler; the model is flagged when at least half of the seed indices flag it (one seed: that
+    seed). The trigger removal uses is the most effective one: the highest MSCR over every
+    (method, seed), ties to the earlier method of ``methods`` and the earlier seed. Every method's
+    evidence is kept in the record.
+    """
+    import shutil
+
+    from diffcleanse.records import atomic_path, make_record, read_json, write_json
+
+    if len(verdict_paths) != len(trigger_paths):
+        raise ValueError("need one trigger per verdict")
+    rows = []
+    for vp, tp in zip(verdict_paths, trigger_paths, strict=True):
+        v = read_json(vp)
+        rows.append({"method": v["method"], "seed_index": int(v.get("seed_index", 0)),
+                     "mscr": float(v["mscr"]), "backdoored": bool(v["backdoored"]),
+                     "kappa_d": v["kappa_d"], "sampler": v["sampler"], "verdict_path": str(vp),
+                     "trigger_path": str(tp), "model": v["model"]})
+    if not rows:
+        raise ValueError("no verdicts to combine")
+    models = {r["model"] for r in rows}
+    if len(models) != 1:
+        raise ValueError(f"verdicts of several models: {sorted(models)}")
+    order = {m: i for i, m in enumerate(methods)}
+    seed_order = {int(s): i for i, s in enumerate(seeds)}
+    per_seed: dict[int, bool] = {}
+    for r in rows:
+        per_seed[r["seed_index"]] = per_seed.get(r["seed_index"], False) or r["backdoored"]
+    share = sum(per_seed.values()) / len(per_seed)
+    best = max(rows, key=lambda r: (r["mscr"], -order.get(r["method"], 99),
+                                    -seed_order.get(r["seed_index"], 99)))
+    flagged = share >= 0.5
+    with atomic_path(out_trigger) as tmp:
+        shutil.copyfile(best["trigger_path"], tmp)
+    by_method = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        if mine:
+            by_method[m] = {"share_flagged": sum(r["backdoored"] for r in mine) / len(mine),
+                            "mscr": {str(r["seed_index"]): r["mscr"] for r in mine}}
+    rec = make_record(
+        "detect", {"methods": methods, "seeds": seeds,
+                   "rule": "per seed: any method's MSCR >= kappa_d; model: >= half of the seeds"},
+        None, 0.0, model=best["model"], method="combined", backdoored=flagged,
+        verdict="backdoored" if flagged else "clean", mscr=best["mscr"],
+        share_of_seeds_flagged=share,
+        seeds_flagged={str(k): v for k, v in sorted(per_seed.items())},
+        trigger_method=best["method"], trigger_seed_index=best["seed_index"],
+        trigger_source=best["trigger_path"], kappa_d=best["kappa_d"], sampler=best["sampler"],
+        by_method=by_method, evidence=rows)
+    write_json(out_verdict, rec)
+    return rec
+
+
+def _true_pattern(card: dict[str, Any], model_dir: Path | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(true trigger in the space the model denoises, true target image or None for class
+    targets) of a card's ground truth: the trigger a perfect inversion would find (TrojDiff: its
+    μ; NCSN and LDM: the trigger mapped into the model's space, ``zoo.backdoor_spec``)."""
+    from diffcleanse import models, patterns, zoo
+
+    row, gt = card["manifest_row"], card["ground_truth"]
+    size = int(row["image_size"])
+    tgt = None if patterns.is_class_target(gt["target"]) else \
+        patterns.render_target(gt["target"], size, gt["trigger"])
+    plain = row.get("model_type", "ddpm") == "ddpm" and row["attack"] == "baddiffusion"
+    if plain or model_dir is None or not Path(model_dir).is_dir():
+        return patterns.render_trigger(gt["trigger"], size), tgt
+    model = models.load_pipeline(model_dir)
+    stand_in = row["target"] if tgt is not None else "hat"  # a class target is not needed here
+    spec = zoo.backdoor_spec({**row, "target": stand_in}, size, model=model)
+    return spec.trigger.float(), tgt
+
+
+def detection_table(verdicts: list[str | Path], records: list[str | Path],
+                    combined: list[str | Path], population: list[str | Path],
+                    cards: list[str | Path], out: dict[str, str | Path], *,
+                    mse_threshold: float, methods: list[str], bootstrap: int = 1000,
+                    fpr: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    """Detection as a table (an aggregation step: it reads the zoo cards).
+
+    Per (model, method, seed): the MSCR verdict, the method's own detector (population), the
+    inverted trigger's ASR on its verdict samples (MSE < ``mse_threshold`` to the true target) and
+    its L2 distance to the true trigger, iterations and seconds. Per model: the combined verdict and
+    the share of seeds each method flags. Per method: ACC of its MSCR verdict and of its own
+    detector, ROC-AUC and TPR at ``fpr`` of its detector's score with bootstrap intervals, and the
+    seconds per model. ``out`` maps csv, md, roc_csv, roc_png, roc_pdf.
     """
     import pandas as pd
     from safetensors.torch import load_file
 
-    from diffcleanse import patterns
+    from diffcleanse import population as pop
     from diffcleanse.records import atomic_path, read_json
 
-    if not (len(verdicts) == len(cards) == len(samples)):
-        raise ValueError("need one card and one samples file per verdict")
+    truth, true_patterns = {}, {}
+    for cp in cards:
+        card = read_json(cp)
+        truth[card["model_id"]] = card
+        if card["ground_truth"]["backdoored"]:
+            true_patterns[card["model_id"]] = _true_pattern(card, Path(cp).parent / "model")
+    pops = {}
+    for pp in population:
+        rec = read_json(pp)
+        pops[rec["method"]] = rec
     rows = []
-    for vp, cp, sp in zip(verdicts, cards, samples, strict=True):
-        v, card = read_json(vp), read_json(cp)
-        gt, mrow = card["ground_truth"], card["manifest_row"]
-        asr = math.nan
-        if gt["backdoored"] and not patterns.is_class_target(gt["target"]):
-            x = load_file(str(sp))["samples"].clamp(-1, 1)
-            tgt = patterns.render_target(gt["target"], x.shape[-1], gt["trigger"])
-            asr = float((((x - tgt) ** 2).mean(dim=(1, 2, 3)) < mse_threshold).float().mean())
+    recs = {(r["model"], r["method"], int(r.get("seed_index", 0))): (r, Path(p))
+            for p in records for r in [read_json(p)]}
+    for vp in verdicts:
+        v = read_json(vp)
+        key = (v["model"], v["method"], int(v.get("seed_index", 0)))
+        inv, inv_path = recs[key]
+        card = truth[v["model"]]
+        gt = card["ground_truth"]
+        asr = l2 = math.nan
+        if gt["backdoored"]:
+            trig, tgt = true_patterns[v["model"]]
+            r = load_file(str(inv_path.parent / "trigger.safetensors"))["trigger"].float()
+            if r.shape == trig.shape:
+                l2 = float((r - trig).norm())
+            if tgt is not None:
+                x = load_file(str(inv_path.parent / "samples.safetensors"))["samples"]
+                x = x.clamp(-1, 1)
+                asr = float((((x - tgt) ** 2).mean(dim=(1, 2, 3)) < mse_threshold).float().mean())
+        p = pops.get(v["method"], {}).get("result", {}).get("seeds", {}).get(str(key[2]), {})
+        own = p.get(v["model"], {})
         rows.append({
-            "model": v["model"], "attack": gt["attack"], "group": mrow.get("group", ""),
-            "truth": "backdoored" if gt["backdoored"] else "clean", "verdict": v["verdict"],
-            "correct": v["backdoored"] == gt["backdoored"], "mscr": round(v["mscr"], 4),
-            "asr_inverted": asr, "n_samples": v["batch_size"], "iterations": v["iterations"],
-            "inversion_seconds": v["inversion_seconds"], "encoder": v["encoder"],
-            "sampler": v["sampler"]["name"], "steps": v["sampler"]["steps"] or "all",
-            "clip_sample": v["sampler"]["clip_sample"], "gradient": v["gradient"],
-            "kappa": v["active_kappa"], "kappa_d": v["kappa_d"], "mse_threshold": mse_threshold})
-    df = pd.DataFrame(rows)
-    with atomic_path(out_csv) as tmp:
+            "model": v["model"], "method": v["method"], "seed": key[2],
+            "attack": gt["attack"], "group": card["manifest_row"].get("group", ""),
+            "truth": "backdoored" if gt["backdoored"] else "clean",
+            "mscr": round(v["mscr"], 4),
+            "mscr_pairs": round(v["detection"]["readings"]["pairs"], 4),
+            "mscr_unbanded": round(v["detection"]["readings"]["unbanded"], 4),
+            "verdict": v["verdict"], "correct": v["backdoored"] == gt["backdoored"],
+            "own_score": own.get("score", math.nan), "own_flagged": own.get("flagged"),
+            "asr_inverted": asr, "l2_to_true_trigger": l2,
+            "zero_trigger_l2": float(true_patterns[v["model"]][0].norm())
+            if gt["backdoored"] else math.nan,
+            "iterations": v["iterations"], "inversion_seconds": v["inversion_seconds"],
+            "encoder": v["encoder"], "sampler": v["sampler"]["name"],
+            "steps": v["sampler"]["steps"] or "all", "clip_sample": v["sampler"]["clip_sample"],
+            "n_samples": v["batch_size"], "kappa": v["active_kappa"], "kappa_d": v["kappa_d"],
+            "mse_threshold": mse_threshold})
+    df = pd.DataFrame(rows).sort_values(["model", "method", "seed"]).reset_index(drop=True)
+    comb = [read_json(c) for c in combined]
+    def flags(model: str, method: str) -> str:
+        sub = df[(df.model == model) & (df.method == method)]
+        return f"{int((sub['verdict'] == 'backdoored').sum())}/{len(sub)}"
+
+    comb_rows = []
+    for c in comb:
+        gt = truth[c["model"]]["ground_truth"]
+        comb_rows.append({
+            "model": c["model"], "truth": "backdoored" if gt["backdoored"] else "clean",
+            "combined verdict": c["verdict"],
+            "seeds flagged": f"{sum(c['seeds_flagged'].values())}/{len(c['seeds_flagged'])}",
+            "trigger used by removal": f"{c['trigger_method']} (seed "
+                                       f"{c['trigger_seed_index']}, MSCR {c['mscr']:.2f})",
+            **{f"{m} flags": flags(c["model"], m) for m in methods}})
+    comb_df = pd.DataFrame(comb_rows)
+    with atomic_path(out["csv"]) as tmp:
         df.to_csv(tmp, index=False)
-    summary = (df.groupby(["attack", "group"], sort=True)
-               .agg(models=("model", "size"), ACC=("correct", "mean"),
-                    ASR=("asr_inverted", "mean")).reset_index())
-    proto = df[["encoder", "sampler", "steps", "clip_sample", "gradient", "n_samples", "kappa",
-                "kappa_d", "mse_threshold"]].drop_duplicates()
-    lines = ["# Detection (BBTI + MSCR): paper Table 1", "",
-             f"ACC: share of models whose verdict matches the truth. ASR: share of the "
-             f"inverted trigger's backdoor samples with MSE < {mse_threshold:g} to the true "
-             f"target, mean over the group's backdoored models (n/a: clean group or class "
-             f"target).", "",
-             _md(summary.fillna({"ASR": math.nan})), "", "## Protocol", "", _md(proto), "",
-             "## Per model", "", _md(df.drop(columns=["mse_threshold"]))]
-    with atomic_path(out_md) as tmp:
+    roc_rows, curves = [], {}
+    first = df[df["seed"] == df["seed"].min()]
+    for m in methods:
+        sub = first[first["method"] == m]
+        if sub.empty:
+            continue
+        y = (sub["truth"] == "backdoored").astype(int).to_numpy()
+        own = sub["own_score"].astype(float).to_numpy()
+        score = own if not pd.isna(own).any() else sub["mscr"].to_numpy(dtype=float)
+        r = pop.roc(score, y, fpr)
+        b = pop.bootstrap(score, y, n=bootstrap, seed=seed, fpr_at=fpr)
+        curves[m] = r
+        detector = pops.get(m, {}).get("result", {}).get("detector", {})
+        roc_rows.append({
+            "method": m, "models": len(sub), "clean": int((y == 0).sum()),
+            "backdoored": int(y.sum()), "detector": detector.get("kind", "?"),
+            "detector features": "+".join(detector.get("features", [])),
+            "ACC (MSCR >= kappa_d)": pop.accuracy(sub["verdict"] == "backdoored", y),
+            "ACC (own detector)": pop.accuracy(sub["own_flagged"].astype(bool), y)
+            if sub["own_flagged"].notna().all() else math.nan,
+            "ROC-AUC": r["auc"], "AUC 95% CI": _ci(b["auc_ci"]),
+            f"TPR at {fpr:.0%} FPR": r["tpr_at_fpr"], "TPR 95% CI": _ci(b["tpr_at_fpr_ci"]),
+            "ASR (inverted trigger, bd models)": float(sub[sub.truth == "backdoored"][
+                "asr_inverted"].mean()) if (sub.truth == "backdoored").any() else math.nan,
+            "L2 to true trigger": float(sub[sub.truth == "backdoored"][
+                "l2_to_true_trigger"].mean()) if (sub.truth == "backdoored").any() else math.nan,
+            "seconds per model": float(df[df.method == m]["inversion_seconds"].mean()),
+            "bootstrap": f"{b['resamples']} resamples, {b['skipped_one_class']} one-class skipped"})
+    roc_df = pd.DataFrame(roc_rows)
+    with atomic_path(out["roc_csv"]) as tmp:
+        roc_df.to_csv(tmp, index=False)
+    from diffcleanse import reporting
+
+    reporting.roc_figure(curves, [out["roc_png"], out["roc_pdf"]],
+                         title=f"ROC of each method's own detector over the zoo (seed "
+                               f"{int(df['seed'].min())}; leave-one-model-out)")
+    seeds_shown = sorted(df["seed"].unique())
+    proto = df[["encoder", "sampler", "steps", "clip_sample", "n_samples", "kappa", "kappa_d",
+                "mse_threshold"]].drop_duplicates()
+    lines = ["# Detection: every method, every seed (paper Table 1's ACC and ASR, and more)", "",
+             f"Seeds {', '.join(map(str, seeds_shown))}. MSCR verdict: flagged when MSCR >= "
+             f"kappa_d (the largest mutual cluster among in-band samples; `mscr_pairs` counts "
+             f"as the official code does, `mscr_unbanded` without the bands). Own detector: the "
+             f"method's paper's detector, calibrated or trained on the other models only "
+             f"(population). ASR: share of the inverted trigger's verdict samples within MSE "
+             f"{mse_threshold:g} of the true target. ROC over the first seed; 95 % intervals "
+             f"from {bootstrap} bootstrap resamples of the models.", "",
+             "## Per method", "", _md(roc_df) if len(roc_df) else "(no methods)", "",
+             "## Per model (combined verdict: per seed any method; model: >= half the seeds)", "",
+             _md(comb_df), "", "## Protocol", "", _md(proto), "",
+             "## Per model, method and seed", "", _md(df.drop(columns=["mse_threshold"]))]
+    with atomic_path(out["md"]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return df
+
+
+def _ci(v: list[float]) -> str:
+    return "n/a" if any(math.isnan(x) for x in v) else f"[{v[0]:.2f}, {v[1]:.2f}]"
 
 
 def _md(df: pd.DataFrame) -> str:

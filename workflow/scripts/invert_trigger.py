@@ -1,4 +1,4 @@
-"""Rule invert_trigger: BBTI trigger inversion on one model (trigger, samples, record)."""
+"""Rule invert_trigger: one inversion method on one model for one seed index."""
 
 from diffcleanse.logs import log_to
 
@@ -9,14 +9,16 @@ from diffcleanse import inversion, sampling  # noqa: E402
 out = snakemake.output  # noqa: F821
 rec = inversion.invert_model(
     snakemake.input.model,  # noqa: F821
-    {k: out[k] for k in ("trigger", "trigger_png", "samples_png", "samples", "record")},
+    {k: out[k] for k in inversion.OUTPUT_FILES},
     snakemake.params.inversion,  # noqa: F821
     snakemake.params.detection,  # noqa: F821
     model_id=snakemake.wildcards.model,  # noqa: F821
+    method=snakemake.wildcards.method,  # noqa: F821
+    seed_index=int(snakemake.wildcards.seed),  # noqa: F821
     classifier_dir=snakemake.input.get("classifier"),  # noqa: F821
     seed=snakemake.params.seed,  # noqa: F821
     device=str(sampling.resolve_device(snakemake.params.device)),  # noqa: F821
     allow_pickle=snakemake.params.allow_pickle,  # noqa: F821
 )
-log.info("MSCR %.3f -> %s after %d iterations in %.1f s", rec["mscr"], rec["verdict"],
-         rec["iterations"], rec["seconds"])
+log.info("%s: MSCR %.3f -> %s after %d iterations in %.1f s", rec["method"], rec["mscr"],
+         rec["verdict"], rec["iterations"], rec["seconds"])
