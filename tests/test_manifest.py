@@ -35,6 +35,7 @@ GOOD = {
     "seed": "0",
     "train_steps": "100",
     "sampler": "ddpm",
+    "attack_params": "",
     "group": "DDPM-D",
 }
 BD = {
@@ -81,14 +82,22 @@ def test_shipped_manifests_load(name: str) -> None:
 
 def test_default_manifest_content() -> None:
     df = load_manifest(CONFIG / "zoo-default.tsv")
-    assert list(df.index) == ["clean-a", "clean-b", "bd-box-hat", "bd-stop-corner"]
+    assert list(df.index) == ["clean-a", "clean-b", "clean-c", "bd-box-hat", "bd-stop-corner",
+                              "vd-box-shoe", "tj-blend-mickey", "ad-box-shoe"]
+    # three clean models: Elijah's random forest, judging one clean model, still needs two
+    assert (df["attack"] == "none").sum() == 3
+    # one VillanDiffusion model on an ODE sampler, one TrojDiff and one adaptive model
+    assert df.loc["vd-box-shoe", "sampler"] == "dpmpp_o2"
+    assert df.loc["tj-blend-mickey", "attack_params"] == "gamma=0.6"
+    assert df.loc["ad-box-shoe", "attack"] == "adaptive"
+    assert set(df.loc[df["attack"] != "none", "init"]) == {"clean-a"}
     assert df.loc["bd-box-hat", "init"] == "clean-a"
     assert df.loc["bd-stop-corner", "trigger"] == "stop_14"
 
 
 def test_smoke_manifest_content() -> None:
     df = load_manifest(CONFIG / "zoo-smoke.tsv")
-    assert list(df.index) == ["smoke-clean", "smoke-bd"]
+    assert list(df.index) == ["smoke-clean", "smoke-bd", "smoke-vd", "smoke-tj", "smoke-ad"]
     bd = df.loc["smoke-bd"]
     assert (bd["init"], bd["attack"], bd["trigger"], bd["target"]) == (
         "smoke-clean",
@@ -97,13 +106,19 @@ def test_smoke_manifest_content() -> None:
         "hat",
     )
     assert bd["poison_rate"] == 0.5 and bd["seed"] == 1 and bd["train_steps"] == 300
+    # one row per attack, each fine-tuned from the clean smoke model
+    assert set(df["attack"]) == {"none", "baddiffusion", "villandiffusion", "trojdiff", "adaptive"}
+    assert set(df.loc[df["attack"] != "none", "init"]) == {"smoke-clean"}
 
 
 def test_paper_manifest_counts() -> None:
-    df = load_manifest(CONFIG / "paper" / "manifest.tsv")
+    full = load_manifest(CONFIG / "paper" / "manifest.tsv")
+    df = full[full["group"] != "ADAPT"]  # the benchmark; ADAPT: Appendix G's adaptive models
     assert len(df) == 373
     assert int((df["attack"] == "none").sum()) == 177
     assert set(df["attack"]) == {"none", "baddiffusion", "villandiffusion", "trojdiff"}
+    adapt = full[full["group"] == "ADAPT"]
+    assert set(adapt["attack"]) == {"adaptive"} and len(adapt) == 4
     assert set(df["group"]) == {
         "DDPM-C",
         "DDPM-A",
@@ -205,6 +220,25 @@ def test_unknown_trigger(tmp_path: Path) -> None:
     assert "file:<path" in msg
 
 
+def test_exact_tensor_triggers_and_targets(tmp_path: Path) -> None:
+    """tensor:<key>:<file> names another attack code's trigger exactly (the external zoo's);
+    a tensor: value without its key or file is refused with the form it needs."""
+    rows = [GOOD, {**BD, "trigger": "tensor:trigger:zoo/truth.safetensors",
+                   "target": "tensor:target:zoo/truth.safetensors"}]
+    m = load_manifest(write_tsv(tmp_path, rows))
+    assert m.loc["bd", "trigger"] == "tensor:trigger:zoo/truth.safetensors"
+    msg = error_of(tmp_path, [GOOD, {**BD, "trigger": "tensor:truth.safetensors"}])
+    assert "column 'trigger'" in msg and "tensor:<key>:<path" in msg
+
+
+def test_external_zoo_manifest_is_valid() -> None:
+    """config/zoo-external.tsv (the external zoo's three models) loads as written."""
+    root = Path(__file__).resolve().parents[1]
+    m = load_manifest(root / "config" / "zoo-external.tsv")
+    assert list(m.index) == ["ext-clean", "ext-bd-box-corner", "ext-bd-stop-hat"]
+    assert all(v.startswith("tensor:trigger:") for v in m.loc[m["attack"] != "none", "trigger"])
+
+
 def test_unknown_target(tmp_path: Path) -> None:
     msg = error_of(tmp_path, [GOOD, {**BD, "target": "fedora"}])
     assert "column 'target'" in msg and "'fedora'" in msg and "mickey" in msg
@@ -268,13 +302,16 @@ def test_trojdiff_only_patterns(tmp_path: Path) -> None:
     msg = error_of(tmp_path, [GOOD, {**BD, "trigger": "blend", "target": "class:3"}])
     assert "'blend' is a TrojDiff trigger" in msg and "'class:3'" in msg
     ok = write_tsv(
-        tmp_path, [GOOD, {**BD, "attack": "trojdiff", "trigger": "patch", "target": "mnist:7"}]
+        tmp_path,
+        [GOOD, {**BD, "attack": "trojdiff", "trigger": "patch", "target": "mnist:7",
+                "attack_params": "gamma=0.1"}],
     )
     assert load_manifest(ok).loc["bd", "target"] == "mnist:7"
 
 
 def test_class_target_out_of_range(tmp_path: Path) -> None:
-    row = {**BD, "attack": "trojdiff", "trigger": "blend", "target": "class:10"}
+    row = {**BD, "attack": "trojdiff", "trigger": "blend", "target": "class:10",
+           "attack_params": "gamma=0.6"}
     msg = error_of(tmp_path, [GOOD, row])
     assert "class:10" in msg and "class:9" in msg
 
@@ -343,7 +380,8 @@ def test_all_problems_reported_together(tmp_path: Path) -> None:
 def test_ragged_row_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "zoo.tsv"
     path.write_text("\t".join(HEADER) + "\n" + "\t".join([*GOOD.values(), "extra"]) + "\n")
-    with pytest.raises(ManifestError, match="15 tab-separated fields but the header has 14"):
+    n = len(HEADER)
+    with pytest.raises(ManifestError, match=f"{n + 1} tab-separated fields but the header has {n}"):
         load_manifest(path)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-KNOWN = ("digits", "mnist", "cifar10", "celeba", "celebahq")
+KNOWN = ("digits", "letters", "mnist", "cifar10", "celeba", "celebahq")
 
 
 class DatasetUnavailable(RuntimeError):
@@ -49,8 +49,15 @@ def load_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_folder(folder: str | Path, image_size: int, limit: int | None = None) -> torch.Tensor:
-    """Every image in a folder (recursively, sorted by path), centre-cropped to a square."""
+    """Every image in a folder (recursively, sorted by path), centre-cropped to a square.
+
+    Each file is opened by ``safety.open_image`` (safe formats; size and pixel count bounded
+    before decoding); a file that is not a readable image, or holds 16-bit/float samples, is
+    refused with its path (``safety.InputRefused``), and an empty folder names what it looked for.
+    """
     from PIL import Image
+
+    from diffcleanse import safety
 
     root = Path(folder)
     if not root.is_dir():
@@ -60,11 +67,19 @@ def load_folder(folder: str | Path, image_size: int, limit: int | None = None) -
         )
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DatasetUnavailable(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        raise DatasetUnavailable(
+            f"image folder {root} is empty: no {', '.join(sorted(IMAGE_SUFFIXES))} files under it "
+            f"(recursively); put the dataset's images there or point folder:<path> elsewhere"
+        )
     files = files[:limit] if limit else files
     out = []
     for f in files:
-        with Image.open(f) as im:
+        with safety.open_image(f, what="dataset image") as im:
+            if im.mode.split(";")[0] in ("I", "F"):
+                raise safety.InputRefused(
+                    f, f"dataset image has mode {im.mode!r} (16/32-bit or float samples), which "
+                    f"would be clipped to 8 bits; convert the folder to 8-bit RGB images"
+                )
             im = im.convert("RGB")
             s = min(im.size)
             left, top = (im.width - s) // 2, (im.height - s) // 2
@@ -116,6 +131,10 @@ def load_dataset(
     root = Path(root)
     if name == "digits":
         x, y = load_digits(image_size)
+    elif name == "letters":
+        from diffcleanse.letters import load_letters
+
+        x, y = load_letters(image_size)
     elif name.startswith("folder:"):
         return load_folder(name.removeprefix("folder:"), image_size, limit), None
     elif name == "celebahq":

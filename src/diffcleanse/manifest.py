@@ -30,9 +30,9 @@ SCHEMA_NAME = "manifest.schema.yaml"
 INT_COLUMNS = ("image_size", "seed", "train_steps")
 FLOAT_COLUMNS = ("poison_rate",)
 # class counts for class:<k> targets (celeba: TrojDiff's 8 classes from three attributes)
-CLASS_COUNTS = {"cifar10": 10, "mnist": 10, "digits": 10, "celeba": 8}
+CLASS_COUNTS = {"cifar10": 10, "mnist": 10, "digits": 10, "celeba": 8, "letters": 10}
 TROJDIFF_ONLY_TRIGGERS = ("blend", "patch")
-TROJDIFF_ONLY_TARGET_PREFIXES = ("class:", "mnist:")
+TROJDIFF_ONLY_TARGET_PREFIXES = ("class:", "mnist:", "letters:")
 _MAX_LISTED = 60  # problems spelled out in the message (all are kept in ManifestError.problems)
 _INT_TEXT = re.compile(r"^[+-]?\d+$")
 
@@ -310,19 +310,8 @@ def _cross_field(ok: dict[str, Any], bad: Callable[[str, str], None], defaulted:
                 f"{shown('poison_rate')} but attack is {attack!r}; a backdoored model needs a "
                 "poison_rate in (0, 1], e.g. 0.1",
             )
-    if attack is not None and attack != "trojdiff":
-        if trigger in TROJDIFF_ONLY_TRIGGERS:
-            bad(
-                "trigger",
-                f"{trigger!r} is a TrojDiff trigger but attack is {attack!r}; use "
-                "attack 'trojdiff' or another trigger (box_*, stop_*, glasses, file:)",
-            )
-        if isinstance(target, str) and target.startswith(TROJDIFF_ONLY_TARGET_PREFIXES):
-            bad(
-                "target",
-                f"{target!r} is a TrojDiff distribution target but attack is "
-                f"{attack!r}; use attack 'trojdiff' or an image target",
-            )
+    if attack is not None or ok.get("sampler") is not None:
+        _implemented(ok, bad)
     dataset = ok.get("dataset")
     if isinstance(target, str) and target.startswith("class:") and dataset in CLASS_COUNTS:
         k, n = int(target.split(":", 1)[1]), CLASS_COUNTS[dataset]
@@ -354,6 +343,46 @@ def _cross_field(ok: dict[str, Any], bad: Callable[[str, str], None], defaulted:
                 "from) applies only to source 'train': leave it empty",
             )
     return []
+
+
+def _implemented(ok: dict[str, Any], bad: Callable[[str, str], None]) -> None:
+    """What the code can run (the registries of attacks, samplers and model types): a row it
+    cannot is refused here, when the workflow's DAG is built, naming the column, the value and
+    what is implemented."""
+    from diffcleanse import attacks, models, samplers
+
+    attack, sampler, mtype = ok.get("attack"), ok.get("sampler"), ok.get("model_type")
+    if mtype is not None and mtype not in models.MODEL_TYPES:
+        bad("model_type", f"{mtype!r} is not implemented; implemented model types: "
+            f"{', '.join(models.MODEL_TYPES)}")
+        return
+    if sampler is not None and sampler not in samplers.manifest_names():
+        bad("sampler", f"{sampler!r} is not implemented; implemented samplers: "
+            f"{', '.join(samplers.manifest_names())}")
+        return
+    if sampler is not None and mtype is not None and mtype not in samplers.get(sampler).model_types:
+        fits = [n for n in samplers.manifest_names() if mtype in samplers.get(n).model_types]
+        bad("sampler", f"{sampler!r} cannot sample a {mtype} model; samplers for {mtype}: "
+            f"{', '.join(fits)}")
+        return
+    params = ok.get("attack_params") or ""
+    if attack is None:
+        return
+    if attack == "none":
+        if params:
+            bad("attack_params", f"{params!r} given but attack is 'none'; a clean model has no "
+                "attack parameters (leave it empty)")
+        return
+    if attack not in attacks.ATTACKS:
+        bad("attack", f"{attack!r} is not implemented; implemented attacks: "
+            f"{', '.join(attacks.names())}")
+        return
+    if None in (sampler, mtype, ok.get("trigger"), ok.get("target")):
+        return  # reported elsewhere
+    for column, message in attacks.get(attack).check(
+            model_type=mtype, sampler=sampler, trigger=ok["trigger"], target=ok["target"],
+            params=params):
+        bad(column, message)
 
 
 def validate_row(row: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Rule train_model: train a zoo model (clean, or with its row's attack) and write its card."""
+"""Rules train_model and train_adaptive: train a zoo model (clean, or with its row's attack) and
+write its card; train_adaptive also keeps EMA checkpoints during training (Fig. 14)."""
 
 from diffcleanse.logs import log_to
 
@@ -6,14 +7,19 @@ log = log_to(snakemake.log[0], snakemake.threads)  # noqa: F821
 
 from diffcleanse import sampling, zoo  # noqa: E402
 
+params, out = snakemake.params, snakemake.output  # noqa: F821
+train = dict(params.train)
+if "snapshots" in out.keys():  # noqa: SIM118 (a Namedlist: `in` tests values)
+    train["snapshot_every"] = params.snapshot_every
 card = zoo.train_model(
-    snakemake.params.row,  # noqa: F821
-    snakemake.params.train,  # noqa: F821
-    snakemake.output.model,  # noqa: F821
-    snakemake.output.card,  # noqa: F821
+    params.row,
+    train,
+    out.model,
+    out.card,
     init_dir=snakemake.input.get("init"),  # noqa: F821
-    checkpoint_dir=snakemake.params.checkpoint_dir,  # noqa: F821
-    device=str(sampling.resolve_device(snakemake.params.device)),  # noqa: F821
-    base_seed=snakemake.params.seed,  # noqa: F821
+    checkpoint_dir=params.checkpoint_dir,
+    device=str(sampling.resolve_device(params.device)),
+    base_seed=params.seed,
+    snapshot_dir=out.get("snapshots"),
 )
 log.info("done in %.1f s", card["seconds"])

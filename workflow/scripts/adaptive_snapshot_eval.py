@@ -1,0 +1,29 @@
+"""Rule adaptive_snapshot_eval: utility and real-trigger ASR of one adaptive-training checkpoint."""
+
+from pathlib import Path
+
+from diffcleanse.logs import log_to
+
+log = log_to(snakemake.log[0], snakemake.threads)  # noqa: F821
+
+from diffcleanse import evaluation, sampling  # noqa: E402
+
+inp, params = snakemake.input, snakemake.params  # noqa: F821
+rec = evaluation.evaluate_model(
+    Path(inp.snapshots) / f"step~{params.step}",
+    inp.card,
+    snakemake.output.metrics,  # noqa: F821
+    snakemake.output.samples,  # noqa: F821
+    params.evaluation,
+    state="original",
+    variant={"snapshot_step": params.step},
+    classifier_dir=inp.get("fid_classifier"),
+    class_classifier_dir=inp.get("class_classifier"),
+    data_root=params.evaluation["data_root"],
+    download=params.evaluation["download"],
+    base_seed=params.seed,
+    device=str(sampling.resolve_device(params.device)),
+    allow_pickle=params.allow_pickle,
+)
+log.info("%s step %d: %s %.4f, ASR real %s", rec["model"], params.step, rec["utility_metric"],
+         rec["utility"], rec["asr_real"])
