@@ -58,7 +58,9 @@ def test_uneven_group_norm_normalises_each_group_alone():
 def test_channel_budget_is_ceil_of_ratio_at_least_one():
     assert pruning.channel_budget(128, 0.01) == 2 and pruning.channel_budget(256, 0.01) == 3
     assert pruning.channel_budget(16, 0.02) == 1 and pruning.channel_budget(100, 0.02) == 2
-    assert pruning.channel_budget(16, 0.0) == 0 and pruning.channel_budget(2, 0.9) == 1
+    assert pruning.channel_budget(16, 0.0) == 0 and pruning.channel_budget(2, 0.4) == 1
+    with pytest.raises(ValueError, match="every channel of conv1 .2 channels.*below 0.500"):
+        pruning.channel_budget(2, 0.9, "conv1")
 
 
 def test_threshold_and_rho_follow_the_paper():
@@ -245,11 +247,12 @@ def test_finetune_resumes_after_a_kill(removal_inputs, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, *args, str(tmp_path / "k"),
                              str(tmp_path / "k.json"), repr(cfg), str(ck)],
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 120
+    deadline = time.time() + 900  # the subprocess imports torch and diffusers first (slow on a
     while not (ck / "state.json").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.2)  # loaded machine)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (ck / "state.json").is_file(), "no checkpoint was written before the deadline"
     step = json.loads((ck / "state.json").read_text())["step"]
     assert 0 < step < 64 and not (tmp_path / "k").exists()  # killed mid-run, nothing half-written
     rec = stages.run_finetune(*args, tmp_path / "k", tmp_path / "k.json",
@@ -264,8 +267,8 @@ def test_finetune_resumes_after_a_kill(removal_inputs, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_repair_model_and_the_scan_repair_option(tiny_zoo, tmp_path, monkeypatch):
-    from diffcleanse import cli, inversion
+def test_repair_model_and_the_scan_repair_option(tiny_zoo, tmp_path, monkeypatch, capsys):
+    from diffcleanse import cli, scan
 
     r = tiny_zoo["recipe"]
     trigger = patterns.render_trigger(r["trigger"], r["image_size"])
@@ -275,24 +278,35 @@ def test_repair_model_and_the_scan_repair_option(tiny_zoo, tmp_path, monkeypatch
                               **small)
     assert rec["params"]["strategy"] == "diffcleanse" and rec["finetune_steps"] == 2
     assert set(rec["stage_seconds"]) == {"clean_data", "importance", "prune", "finetune"}
-    unet, _ = models.load_model(tmp_path / "fixed")
-    assert pruned_io.pruned_shapes(unet)
+    unet, sched = models.load_model(tmp_path / "fixed")
+    assert pruned_io.pruned_shapes(unet) and sched["clip_sample"] is False
+    # the repaired folder says how to load it, with and without diffcleanse
+    text = stages.repair_summary(rec, tmp_path / "fixed")
+    assert "load_pruned.py" in text and "diffcleanse.models.load_pipeline" in text
+    assert str(tmp_path / "fixed") in (tmp_path / "fixed" / "README.md").read_text()
+    assert ".tmp" not in (tmp_path / "fixed" / "README.md").read_text()
     # `diffcleanse scan MODEL --repair OUT` repairs what stage 1 flags (stage 1 faked here)
     def fake_scan(model, out_dir, **kw):
         out_dir.mkdir(parents=True)
         save_file({"trigger": trigger}, str(out_dir / "trigger.safetensors"))
         return {"backdoored": True}
 
-    monkeypatch.setattr(inversion, "scan_model", fake_scan)
-    monkeypatch.setattr(inversion, "scan_summary", lambda rec, out: "BACKDOORED")
-    monkeypatch.setattr(stages, "repair_model", lambda *a, **k: calls.append((a, k)) or {})
+    monkeypatch.setattr(scan, "scan_model", fake_scan)
+    monkeypatch.setattr(scan, "scan_summary", lambda rec, out: "BACKDOORED")
     calls = []
+
+    def fake_repair(*a, **k):
+        calls.append((a, k))
+        return rec
+
+    monkeypatch.setattr(stages, "repair_model", fake_repair)
     status = cli.main(["scan", str(tiny_zoo["backdoored"]), "--out", str(tmp_path / "scan"),
                        "--repair", str(tmp_path / "cli-fixed"), "--repair-ratio", "0.05"])
     assert status == 1 and len(calls) == 1
     (model_dir, trig, out), kw = calls[0]
     assert out == tmp_path / "cli-fixed" and kw["ratio"] == 0.05
-    assert torch.equal(trig, trigger)
+    assert stages.load_trigger(trig).equal(trigger)
+    assert "load without it" in capsys.readouterr().out  # the CLI prints repair_summary
 
 
 def test_clean_data_is_synthetic_by_default_or_real_when_asked(tiny_zoo, tmp_path):

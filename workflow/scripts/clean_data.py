@@ -16,6 +16,7 @@ rec = stages.make_clean_data(
     source=wc.source,
     seed=derive_seed(params.seed, wc.model, "clean_data", wc.source),
     device=str(sampling.resolve_device(params.device)),
+    allow_pickle=params.allow_pickle,
     **params.data,
 )
 log.info("%d %s images in %.1f s", rec["n_images"], wc.source, rec["seconds"])

@@ -19,7 +19,8 @@ rec = stages.run_finetune(
     seed=derive_seed(params.seed, wc.model, "finetune", wc.strategy, wc.ratio, wc.loss),
     checkpoint_dir=params.checkpoint_dir,
     device=str(sampling.resolve_device(params.device)),
-    extra={"model": wc.model, "strategy": wc.strategy, "ratio": wc.ratio},
+    extra={"model": wc.model, "trigger": wc.trigger, "strategy": wc.strategy, "ratio": wc.ratio},
+    allow_pickle=params.allow_pickle,
 )
 log.info("%d steps (resumed from %d), final loss %.4f, %.1f s", rec["steps"],
          rec["resumed_from_step"], rec["final_loss"], rec["seconds"])

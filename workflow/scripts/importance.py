@@ -1,4 +1,5 @@
-"""Rule importance: clean, backdoor and Diff-Pruning Taylor scores of one model (Eqs. 8-9)."""
+"""Rule importance: the Taylor scores (clean, backdoor, Diff-Pruning, ...) of one model and
+trigger source (Eqs. 8-9)."""
 
 from diffcleanse.logs import log_to
 
@@ -8,16 +9,18 @@ from diffcleanse import sampling  # noqa: E402
 from diffcleanse.records import derive_seed  # noqa: E402
 from diffcleanse.removal import ImportanceConfig, stages  # noqa: E402
 
-wc, params = snakemake.wildcards, snakemake.params  # noqa: F821
+inp, wc, params = snakemake.input, snakemake.wildcards, snakemake.params  # noqa: F821
 rec = stages.run_importance(
-    snakemake.input.model,  # noqa: F821
-    snakemake.input.data,  # noqa: F821
-    snakemake.input.trigger,  # noqa: F821
+    inp.model,
+    inp.data,
+    inp.get("trigger"),
     snakemake.output.scores,  # noqa: F821
     snakemake.output.record,  # noqa: F821
     cfg=ImportanceConfig(**params.importance),
+    kinds=tuple(params.kinds),
     seed=derive_seed(params.seed, wc.model, "importance"),
     device=str(sampling.resolve_device(params.device)),
+    allow_pickle=params.allow_pickle,
 )
-log.info("T = %d (%d timesteps), %d groups, %.1f s", rec["T"], len(rec["timesteps"]),
-         len(rec["groups"]), rec["seconds"])
+log.info("T = %d (%d timesteps), kinds %s, %d groups, %.1f s", rec["T"], len(rec["timesteps"]),
+         ", ".join(params.kinds), len(rec["groups"]), rec["seconds"])

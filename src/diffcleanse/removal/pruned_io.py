@@ -1,17 +1,13 @@
-"""The pruned-model format: safetensors weights, the original config, and the pruned shapes.
+"""The pruned-model format, and repaired models people can ship.
 
 diffusers' ``save_pretrained`` writes a config that describes the *unpruned* architecture, and
 ``torch.save`` of the module would need unpickling to load. A pruned model directory therefore holds
-
-    unet/config.json                              the original UNet2DModel config
-    unet/diffusion_pytorch_model.safetensors      the pruned weights (plain tensors)
-    unet/pruned_shapes.json                       every module whose shape differs from the config
-    scheduler/scheduler_config.json
-
-and is loaded by building the model from its config, replacing the listed modules by modules of the
-recorded shapes, and loading the weights strictly (``load_pruned_unet``; ``models.load_model`` does
-this by itself when ``pruned_shapes.json`` is present). GroupNorm layers that lost single channels
-become ``UnevenGroupNorm`` (groups of unequal size); their group sizes are part of the shapes.
+the original config, the pruned safetensors weights and ``unet/pruned_shapes.json`` (the format is
+documented in ``removal.portable``, the self-contained loader). ``models.load_model`` loads it by
+itself; ``write_bundle`` makes a repaired model loadable *without* diffcleanse: it copies the loader
+into the directory as ``load_pruned.py`` and writes a ``README.md`` with the one call to make (an
+unpruned model, e.g. after Elijah's removal, is a plain diffusers pipeline directory and gets a
+``model_index.json`` instead, so ``DDPMPipeline.from_pretrained`` loads it).
 """
 
 from __future__ import annotations
@@ -20,141 +16,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from diffusers import UNet2DModel
-from diffusers.models.downsampling import Downsample2D
-from diffusers.models.upsampling import Upsample2D
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
-PRUNED_SHAPES = "pruned_shapes.json"
-FORMAT = "diffcleanse-pruned-unet/1"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+from diffcleanse.removal import portable
+from diffcleanse.removal.portable import (  # noqa: F401  (the format's names, re-exported)
+    FORMAT,
+    PRUNED_SHAPES,
+    WEIGHTS,
+    PrunedFormatError,
+    UnevenGroupNorm,
+    _set_module,
+    apply_shapes,
+    group_norm_for,
+    module_shapes,
+)
 
-
-class UnevenGroupNorm(nn.Module):
-    """Group normalisation over contiguous channel groups of (possibly) unequal sizes.
-
-    Each group is normalised over its own channels exactly as ``nn.GroupNorm`` does (same kernel,
-    called once per distinct group size), then the per-channel affine is applied. This is what is
-    left of an ``nn.GroupNorm`` after single channels were pruned: the untouched groups keep their
-    statistics, a group that lost a channel is normalised over the channels it kept.
-    """
-
-    def __init__(self, group_sizes: list[int], eps: float = 1e-5, affine: bool = True) -> None:
-        super().__init__()
-        if not group_sizes or min(group_sizes) < 1:
-            raise ValueError(f"group sizes must be positive, got {group_sizes}")
-        self.group_sizes = [int(s) for s in group_sizes]
-        self.num_groups = len(self.group_sizes)
-        self.num_channels = sum(self.group_sizes)
-        self.eps = float(eps)
-        self.affine = bool(affine)
-        if self.affine:
-            self.weight = nn.Parameter(torch.ones(self.num_channels))
-            self.bias = nn.Parameter(torch.zeros(self.num_channels))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        starts = [0]
-        for s in self.group_sizes[:-1]:
-            starts.append(starts[-1] + s)
-        segments: list[tuple[int, list[int]]] = []
-        for size in sorted(set(self.group_sizes)):
-            chans = [c for st, s in zip(starts, self.group_sizes, strict=True) if s == size
-                     for c in range(st, st + s)]
-            segments.append((len(chans) // size, chans))
-        self._segments = segments
-        order = torch.tensor([c for _, chans in segments for c in chans])
-        self.register_buffer("_inverse", torch.argsort(order), persistent=False)
-        for i, (_, chans) in enumerate(segments):
-            self.register_buffer(f"_seg{i}", torch.tensor(chans), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        if c != self.num_channels:
-            raise ValueError(f"expected {self.num_channels} channels, got {c}")
-        flat = x.reshape(n, c, -1)
-        if len(self._segments) == 1:
-            out = F.group_norm(flat, self.num_groups, eps=self.eps)
-        else:
-            parts = [F.group_norm(flat.index_select(1, getattr(self, f"_seg{i}")), k, eps=self.eps)
-                     for i, (k, _) in enumerate(self._segments)]
-            out = torch.cat(parts, 1).index_select(1, self._inverse)
-        if self.affine:
-            out = out * self.weight[:, None] + self.bias[:, None]
-        return out.reshape(x.shape)
-
-    def extra_repr(self) -> str:
-        return f"group_sizes={self.group_sizes}, eps={self.eps}, affine={self.affine}"
-
-
-def group_norm_for(group_sizes: list[int], eps: float, affine: bool) -> nn.Module:
-    """``nn.GroupNorm`` when the groups are equal, else ``UnevenGroupNorm``."""
-    if len(set(group_sizes)) == 1:
-        return nn.GroupNorm(len(group_sizes), sum(group_sizes), eps=eps, affine=affine)
-    return UnevenGroupNorm(group_sizes, eps=eps, affine=affine)
-
-
-def module_shapes(unet: nn.Module) -> dict[str, dict[str, Any]]:
-    """The shape-defining attributes of every prunable module (JSON-able), by module name."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, nn.Conv2d):
-            out[name] = {"type": "Conv2d", "in_channels": m.in_channels,
-                         "out_channels": m.out_channels}
-        elif isinstance(m, nn.Linear):
-            out[name] = {"type": "Linear", "in_features": m.in_features,
-                         "out_features": m.out_features}
-        elif isinstance(m, UnevenGroupNorm):
-            out[name] = {"type": "GroupNorm", "group_sizes": list(m.group_sizes)}
-        elif isinstance(m, nn.GroupNorm):
-            out[name] = {"type": "GroupNorm",
-                         "group_sizes": [m.num_channels // m.num_groups] * m.num_groups}
-        elif isinstance(m, (Upsample2D, Downsample2D)):
-            out[name] = {"type": type(m).__name__, "channels": m.channels,
-                         "out_channels": m.out_channels}
-    return out
+LOADER = "load_pruned.py"
 
 
 def _reference(config: dict[str, Any]) -> UNet2DModel:
     """The unpruned model a config describes (on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        return UNet2DModel.from_config(dict(config))
+    return portable.reference(config)
 
 
 def pruned_shapes(unet: UNet2DModel) -> dict[str, dict[str, Any]]:
     """Modules whose shapes differ from what ``unet.config`` builds (empty: not pruned)."""
     ref = module_shapes(_reference(unet.config))
     return {k: v for k, v in module_shapes(unet).items() if ref.get(k) != v}
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
-def apply_shapes(unet: nn.Module, shapes: dict[str, dict[str, Any]]) -> None:
-    """Replace the named modules by freshly built ones of the recorded shapes (weights follow)."""
-    for name, spec in shapes.items():
-        m = unet.get_submodule(name)
-        kind = spec["type"]
-        if kind == "Conv2d":
-            new: nn.Module = nn.Conv2d(spec["in_channels"], spec["out_channels"], m.kernel_size,
-                                       stride=m.stride, padding=m.padding, dilation=m.dilation,
-                                       groups=m.groups, bias=m.bias is not None,
-                                       padding_mode=m.padding_mode)
-        elif kind == "Linear":
-            new = nn.Linear(spec["in_features"], spec["out_features"], bias=m.bias is not None)
-        elif kind == "GroupNorm":
-            new = group_norm_for(spec["group_sizes"], m.eps, m.affine)
-        elif kind in ("Upsample2D", "Downsample2D"):
-            m.channels, m.out_channels = spec["channels"], spec["out_channels"]
-            continue
-        else:
-            raise ValueError(f"{name}: unknown module type {kind!r} in pruned shapes")
-        _set_module(unet, name, new)
 
 
 def save_pruned_unet(unet: UNet2DModel, unet_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -171,16 +60,86 @@ def save_pruned_unet(unet: UNet2DModel, unet_dir: str | Path) -> dict[str, dict[
 
 
 def load_pruned_unet(unet_dir: str | Path) -> UNet2DModel:
-    """Rebuild a pruned UNet2DModel from ``unet_dir`` (config, shapes, safetensors): no pickles."""
-    unet_dir = Path(unet_dir)
-    spec = json.loads((unet_dir / PRUNED_SHAPES).read_text())
-    if spec.get("format") != FORMAT:
-        raise ValueError(f"{unet_dir / PRUNED_SHAPES}: unknown format {spec.get('format')!r} "
-                         f"(this version reads {FORMAT})")
-    unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
-    apply_shapes(unet, spec["modules"])
-    weights = sorted(unet_dir.glob("*.safetensors"))
-    if not weights:
-        raise FileNotFoundError(f"{unet_dir} has no safetensors weights")
-    unet.load_state_dict(load_file(str(weights[0])), strict=True)
-    return unet.eval()
+    """Rebuild a pruned UNet2DModel from ``unet_dir`` (config, shapes, safetensors): no pickles.
+    Shapes and weights are checked against each other before anything is allocated."""
+    from diffcleanse import safety  # issue 15: the hostile-input checks, before loading
+
+    d = Path(unet_dir)
+    try:
+        safety.check_component(d / "unet" if (d / "unet" / "config.json").is_file() else d)
+    except safety.InputRefused as err:
+        raise PrunedFormatError(f"refused: {err}") from err
+    return portable.load_unet(unet_dir)
+
+
+_README = """# A repaired diffusion model (written by diffcleanse {version})
+
+{what}
+
+## Load it
+
+{how}
+
+Sampling a backdoor-free model needs no special settings; the saved scheduler says
+`clip_sample: false`, as the training convention of the attacks this model was repaired from.
+"""
+
+_HOW_PRUNED = """This model was pruned: its layer shapes differ from what `unet/config.json`
+builds, so `DDPMPipeline.from_pretrained` cannot load it. `load_pruned.py` (in this folder;
+needs only torch, diffusers and safetensors) rebuilds it from `unet/pruned_shapes.json` and
+loads the weights:
+
+```python
+import sys
+sys.path.insert(0, "{path}")
+import load_pruned
+pipe = load_pruned.load_pipeline("{path}")     # a diffusers DDPMPipeline
+unet = load_pruned.load_unet("{path}")         # or just the UNet2DModel
+```
+
+With diffcleanse installed: `diffcleanse.models.load_pipeline("{path}")`.
+"""
+
+_HOW_PLAIN = """A plain diffusers pipeline directory:
+
+```python
+from diffusers import DDPMPipeline
+pipe = DDPMPipeline.from_pretrained("{path}")
+```
+
+With diffcleanse installed: `diffcleanse.models.load_pipeline("{path}")`.
+"""
+
+
+def write_bundle(model_dir: str | Path, what: str = "",
+                 final_dir: str | Path | None = None) -> dict[str, Any]:
+    """Make a model directory (``unet/`` + ``scheduler/``) loadable without diffcleanse.
+
+    Pruned: copy the self-contained loader as ``load_pruned.py``. Unpruned: write
+    ``model_index.json`` (a diffusers pipeline directory). Both: a ``README.md`` with the call,
+    naming ``final_dir`` (where the directory will live, when written to a temporary place first).
+    Returns what was written and how to load it.
+    """
+    from diffcleanse import __version__
+
+    model_dir = Path(model_dir)
+    pruned = (model_dir / "unet" / PRUNED_SHAPES).is_file()
+    shown = str(final_dir or model_dir)
+    if pruned:
+        (model_dir / LOADER).write_text(Path(portable.__file__).read_text())
+        how = _HOW_PRUNED.format(path=shown)
+        call = f'load_pruned.load_pipeline("{shown}")  (after sys.path.insert(0, "{shown}"))'
+    else:
+        import diffusers
+
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+                 "scheduler": ["diffusers", "DDPMScheduler"],
+                 "unet": ["diffusers", "UNet2DModel"]}
+        (model_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        how = _HOW_PLAIN.format(path=shown)
+        call = f'diffusers.DDPMPipeline.from_pretrained("{shown}")'
+    (model_dir / "README.md").write_text(_README.format(version=__version__, what=what, how=how))
+    return {"dir": shown, "pruned": pruned, "portable_call": call,
+            "diffcleanse_call": f'diffcleanse.models.load_pipeline("{shown}")',
+            "files": sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*")
+                            if p.is_file())}

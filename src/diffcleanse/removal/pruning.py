@@ -1,9 +1,11 @@
-"""Structural pruning of a diffusers UNet2DModel: one pruner, two importances.
+"""Structural pruning of a diffusers UNet2DModel: one pruner, any pruning method of the registry.
 
 torch-pruning's dependency graph says which weights go together (a "group": a channel and every
-tensor slice that must go with it); an importance (``importance.DiffCleanseImportance`` or
-``DiffPruningImportance``) scores the channels of a group; this pruner removes, in every group, the
-lowest-scoring channels. ``conv_out`` keeps its outputs (the image channels).
+tensor slice that must go with it); a removal method (``removal.methods``: Diff-Cleanse,
+Diff-Pruning, the random control) turns the group's stored Taylor scores into keep-scores; this
+pruner removes, in every group, the lowest. ``conv_out`` keeps its outputs (the image channels).
+The record keeps, per group, the scores behind the ranking and the removed channel indices of the
+root and of every layer the group touches.
 
 GroupNorm and the per-layer budget. torch-pruning keeps ``nn.GroupNorm`` valid by removing the same
 in-group position from every group, so the smallest step of a layer with G groups is G channels: a
@@ -32,7 +34,9 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from diffcleanse.removal.importance import IMPORTANCES, GroupScorer
+from diffcleanse.removal import methods
+from diffcleanse.removal.importance import GroupScorer, KeepScore
+from diffcleanse.removal.methods.base import ScoreSpec
 from diffcleanse.removal.pruned_io import _set_module, group_norm_for, module_shapes
 
 GROUPNORM_MODES = ("exact", "interleaved")
@@ -58,12 +62,18 @@ class _ChannelGroupNormPruner(tp.pruner.function.GroupNormPruner):
     prune_in_channels = prune_out_channels
 
 
-def channel_budget(channels: int, ratio: float) -> int:
+def channel_budget(channels: int, ratio: float, where: str = "a layer") -> int:
     """Channels to remove from a layer of ``channels`` at ``ratio``: ceil(ratio * C), at least one
-    when ratio > 0, never all."""
+    when ratio > 0. A ratio that would remove every channel is refused."""
     if ratio <= 0:
         return 0
-    return min(max(1, math.ceil(ratio * channels - 1e-9)), channels - 1)
+    budget = max(1, math.ceil(ratio * channels - 1e-9))
+    if budget >= channels:
+        hint = (f"use a ratio below {(channels - 1) / channels:.3f}" if channels > 1
+                else "it cannot lose a channel")
+        raise ValueError(f"pruning ratio {ratio:g} would remove every channel of {where} "
+                         f"({channels} channels): {hint} (config: removal.ratios)")
+    return budget
 
 
 def _example_inputs(unet: UNet2DModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +123,7 @@ def _groups(dg: tp.DependencyGraph, unet: UNet2DModel):
 def group_scores(unet: UNet2DModel, vectors: dict[str, torch.Tensor]
                  ) -> dict[str, dict[str, torch.Tensor]]:
     """Per-channel scores of every prunable group, by root module name: one vector per kind in
-    ``vectors`` (``clean``, ``backdoor``, ``diffpruning``) and ``I`` = backdoor - clean."""
+    ``vectors`` (``clean``, ``backdoor``, ...) and ``I`` = backdoor - clean (raw, t > T)."""
     unet.eval().requires_grad_(True)
     dg = _graph(unet, _example_inputs(unet))
     scorer = GroupScorer(unet, vectors)
@@ -128,32 +138,68 @@ def group_scores(unet: UNet2DModel, vectors: dict[str, torch.Tensor]
     return table
 
 
+def _layer_indices(group, names: dict[nn.Module, str]) -> list[dict[str, Any]]:
+    """Every named layer a pruning group touches: module, direction, removed indices."""
+    out = []
+    for item in group:
+        name = names.get(item.dep.target.module)
+        if name is None:
+            continue
+        out.append({"module": name, "handler": item.dep.handler.__name__,
+                    "indices": sorted(int(i) for i in item.idxs)})
+    return out
+
+
+def _floats(v: torch.Tensor) -> list[float]:
+    return [float(f"{x:.6g}") for x in v.double().tolist()]
+
+
 def _count(unet: nn.Module, inputs) -> dict[str, int]:
     macs, params = tp.utils.count_ops_and_params(unet, inputs)
     return {"params": int(params), "macs": int(macs)}
 
 
 def prune_unet(unet: UNet2DModel, vectors: dict[str, torch.Tensor], strategy: str, ratio: float,
-               groupnorm: str = "exact") -> dict[str, Any]:
-    """Prune ``unet`` in place with ``strategy``'s importance at ``ratio`` per layer.
+               groupnorm: str = "exact", spec: ScoreSpec | None = None) -> dict[str, Any]:
+    """Prune ``unet`` in place with the removal method ``strategy`` at ``ratio`` per layer.
 
     ``vectors`` are the Taylor score vectors of ``importance.compute_importance`` for this
-    (unpruned) model. Returns a record of what was removed: per group, per changed layer, and
-    parameter and MAC counts before and after.
+    (unpruned) model, holding the kinds the method reads (``spec``: normaliser and timesteps).
+    Returns a record of what was removed: per group the scores and the removed indices of the root
+    and of every layer, per changed layer the shapes, and parameter and MAC counts.
     """
-    if strategy not in IMPORTANCES:
-        raise ValueError(f"unknown strategy {strategy!r}: use {', '.join(IMPORTANCES)}")
+    method = methods.get(strategy)
+    if not method.prunes:
+        raise ValueError(f"removal method {strategy!r} does not prune (it fine-tunes)")
     if groupnorm not in GROUPNORM_MODES:
         raise ValueError(f"unknown groupnorm mode {groupnorm!r}: use {', '.join(GROUPNORM_MODES)}")
     if not 0 <= ratio < 1:
-        raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
+        raise ValueError(f"pruning ratio must be in [0, 1), got {ratio} (config: removal.ratios)")
+    spec = spec or ScoreSpec()
+    missing = [k for k in method.kinds(spec) if not any(v.startswith(f"{k}/") for v in vectors)]
+    if missing:
+        raise KeyError(f"{strategy} needs the importance kind(s) {', '.join(missing)}, which the "
+                       f"importance file lacks: recompute it with those kinds")
     unet.eval().requires_grad_(True)
     inputs = _example_inputs(unet)
     shapes_before = module_shapes(unet)
     before = _count(unet, inputs)
-    importance = IMPORTANCES[strategy](GroupScorer(unet, vectors))
-    heads = _num_heads(unet)
     names = {m: n for n, m in unet.named_modules()}
+    scorer = GroupScorer(unet, vectors)
+
+    def keep(group):
+        root = names.get(group[0].dep.target.module, "?")
+        cache: dict[str, torch.Tensor] = {}
+
+        def scores(kind: str) -> torch.Tensor:
+            if kind not in cache:
+                cache[kind] = scorer.score(group, kind)
+            return cache[kind]
+
+        return method.keep(scores, spec, root, len(group[0].idxs))
+
+    importance = KeepScore(keep, names)
+    heads = _num_heads(unet)
     groups: list[dict[str, Any]] = []
     if groupnorm == "interleaved":
         pruner = tp.pruner.BasePruner(unet, inputs, importance=importance, pruning_ratio=ratio,
@@ -161,7 +207,8 @@ def prune_unet(unet: UNet2DModel, vectors: dict[str, torch.Tensor], strategy: st
         for g in pruner.step(interactive=True):
             dep = g[0].dep
             groups.append({"root": names.get(dep.target.module), "direction": dep.handler.__name__,
-                           "removed": len(g[0].idxs), "removed_indices": sorted(g[0].idxs)})
+                           "removed": len(g[0].idxs), "removed_indices": sorted(g[0].idxs),
+                           "layers": _layer_indices(g, names)})
             g.prune()
     else:
         dg = _graph(unet, inputs)
@@ -172,21 +219,30 @@ def prune_unet(unet: UNet2DModel, vectors: dict[str, torch.Tensor], strategy: st
                            if d.target.module in heads and dg.is_out_channel_pruning_fn(d.handler)]
                           or [1])
             plan.append((root, g[0].dep.handler, len(g[0].idxs), n_heads, importance(g)))
-        for root, handler, channels, n_heads, score in plan:
-            budget = channel_budget(channels, ratio)
+        budgets = [channel_budget(c, ratio, f"{names.get(r)} ({h.__name__})")
+                   for r, h, c, _, _ in plan]
+        for (root, handler, channels, n_heads, score), budget in zip(plan, budgets, strict=True):
             head_dim = channels // n_heads
             per_head = min(budget // n_heads, head_dim - 1)
             entry = {"root": names.get(root), "direction": handler.__name__,
                      "kind": "attention" if n_heads > 1 else "channels", "channels": channels,
                      "step": n_heads, "budget": budget}
+            layers: list[dict[str, Any]] = []
             if per_head > 0:
                 within = score.view(n_heads, head_dim).mean(0)
                 drop = torch.topk(within, per_head, largest=False).indices
                 idxs = sorted(int(h * head_dim + j) for h in range(n_heads) for j in drop)
-                dg.get_pruning_group(root, handler, idxs).prune()
+                pg = dg.get_pruning_group(root, handler, idxs)
+                layers = _layer_indices(pg, names)
+                pg.prune()
             else:
                 idxs = []
-            groups.append(entry | {"removed": len(idxs), "removed_indices": idxs})
+            groups.append(entry | {"removed": len(idxs), "removed_indices": idxs,
+                                   "layers": layers})
+    for entry in groups:
+        seen = importance.seen.get(entry["root"])
+        if seen is not None:
+            entry["scores"] = {k: _floats(v) for k, v in seen.items()}
     _finish(unet)
     unet.requires_grad_(False)
     after = _count(unet, _example_inputs(unet))
@@ -199,10 +255,13 @@ def prune_unet(unet: UNet2DModel, vectors: dict[str, torch.Tensor], strategy: st
             and k != "conv_out"]
     total, kept = sum(o for o, _ in outs), sum(a for _, a in outs)
     return {
-        "strategy": strategy, "ratio": ratio, "groupnorm": groupnorm,
-        "out_channels": {"before": total, "after": kept, "fraction_removed": 1 - kept / total},
+        "strategy": strategy, "ratio": ratio, "groupnorm": groupnorm, "scores": spec.describe(),
+        "score_kinds": list(method.kinds(spec)),
+        "out_channels": {"before": total, "after": kept, "removed": total - kept,
+                         "fraction_removed": 1 - kept / total},
         "parameters": {"before": before["params"], "after": after["params"],
-                   "fraction_removed": 1 - after["params"] / before["params"]},
+                       "removed": before["params"] - after["params"],
+                       "fraction_removed": 1 - after["params"] / before["params"]},
         "macs": {"before": before["macs"], "after": after["macs"],
                  "fraction_removed": 1 - after["macs"] / before["macs"]},
         "groups": groups, "layers": layers,
