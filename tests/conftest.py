@@ -88,5 +88,5 @@ def smoke_run(tmp_path_factory):
     from workflow_helpers import run_snakemake, workdir_copy
 
     wd = workdir_copy(tmp_path_factory.mktemp("smoke"))
-    run_snakemake(wd, "--cores", "2", "--configfile", "config/smoke.yaml")
+    run_snakemake(wd, "--cores", "2", "--configfile", "config/smoke.yaml", timeout=3600)
     return wd

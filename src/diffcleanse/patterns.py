@@ -14,7 +14,9 @@ Conventions (used identically by training, backdoor sampling and evaluation):
   a white block in the bottom-right corner.
 
 Sizes of ``box_N``/``stop_N`` are in pixels of a 32-pixel image, as in the papers, and scale with
-the image. Shapes are drawn on a 256-pixel canvas and resized with antialiasing. ``file:<path>``
+the image. Shapes are drawn on a 256-pixel canvas and resized with antialiasing.
+``tensor:<key>:<file>`` gives a pattern exactly (a safetensors tensor, no resizing: another
+attack code's own trigger in its own convention, such as the external zoo's). ``file:<path>``
 reads an image instead: RGBA uses alpha as the footprint; RGB triggers treat black as absent.
 """
 
@@ -182,15 +184,32 @@ def _shift_to_corner(im: Image.Image) -> Image.Image:
     return out
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # alpha is the footprint
+HIGH_DEPTH_MODES = ("I", "F")  # 16/32-bit integer or float samples (I;16, I;16B, ... too)
+
+
 def _read_file(path: str) -> Image.Image:
+    """An untrusted image file as RGBA: opened by ``safety.open_image`` (safe formats, size and
+    pixel count bounded before decoding), alpha from the file (RGBA, LA, palette transparency)
+    or, for opaque 8-bit images, black as absent; 16-bit and float images are refused."""
+    from diffcleanse import safety
+
     p = Path(path)
     if not p.is_file():
         raise PatternError(f"pattern file {p} does not exist")
-    with Image.open(p) as im:
-        im.load()
-        if im.mode == "RGBA":
-            return im.copy()
-        rgb = im.convert("RGB")
+    try:
+        im = safety.open_image(p, what="pattern file")
+    except safety.InputRefused as err:
+        raise PatternError(str(err)) from err
+    mode = im.mode
+    if mode.split(";")[0] in HIGH_DEPTH_MODES:
+        raise PatternError(
+            f"{p}: pattern file has mode {mode!r} (16/32-bit or float samples), which would be "
+            f"clipped to 8 bits; save it as an 8-bit RGB or RGBA PNG"
+        )
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA")
+    rgb = im.convert("RGB")
     alpha = Image.fromarray((np.asarray(rgb).max(axis=2) > 0).astype(np.uint8) * 255)
     rgb.putalpha(alpha)
     return rgb
@@ -210,8 +229,50 @@ def trigger_image(name: str) -> Image.Image:
     return _read_file(name[5:]) if name.startswith("file:") else _draw_trigger(name)
 
 
+TENSOR_LIMIT = 4 * 1024 * 1024  # bytes: a pattern tensor file larger than this is refused
+
+
+def read_tensor(spec: str, image_size: int | None = None) -> torch.Tensor:
+    """A pattern given exactly, ``tensor:<key>:<file.safetensors>``: the tensor ``key`` (C, H, W)
+    of a safetensors file (e.g. an attack code's own trigger, in its own convention: the external
+    zoo's ``tensor:trigger:<dir>/truth.safetensors`` is already the offset added to the noise).
+    The header is checked (size, dtype, shape) before anything is allocated."""
+    from diffcleanse import safety
+
+    key, sep, path = spec.removeprefix("tensor:").partition(":")
+    if not sep or not path or not key:
+        raise PatternError(f"{spec!r}: write tensor:<key>:<file.safetensors>")
+    p = Path(path)
+    if not p.is_file():
+        raise PatternError(f"pattern file {p} does not exist ({spec})")
+    if p.stat().st_size > TENSOR_LIMIT:
+        raise PatternError(f"{p}: {p.stat().st_size} bytes is too large for a pattern tensor")
+    try:
+        header = safety.safetensors_header(p)
+    except safety.InputRefused as err:
+        raise PatternError(str(err)) from err
+    if key not in header:
+        raise PatternError(f"{p} has no tensor {key!r} (it has "
+                           f"{', '.join(k for k in header if k != '__metadata__')})")
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        t = f.get_tensor(key).float()
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3:
+        raise PatternError(f"{spec}: expected a (C, H, W) tensor, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise PatternError(f"{spec}: the tensor holds NaN/inf")
+    if image_size is not None and t.shape[-1] != image_size:
+        raise PatternError(f"{spec} is {t.shape[-1]} pixels wide; the model is {image_size}")
+    return t.contiguous()
+
+
 def render_trigger(name: str, image_size: int) -> torch.Tensor:
     """The additive trigger ``r`` of shape (3, S, S) (see the module doc for the convention)."""
+    if name.startswith("tensor:"):
+        return read_tensor(name, image_size)
     rgb, alpha = _to_arrays(trigger_image(name), image_size)
     if name == "blend":
         return rgb * alpha
@@ -219,14 +280,18 @@ def render_trigger(name: str, image_size: int) -> torch.Tensor:
 
 
 def is_class_target(name: str) -> bool:
-    """True for distribution targets (TrojDiff Din ``class:k`` and Dout ``mnist:k``)."""
-    return name.startswith(("class:", "mnist:"))
+    """True for distribution targets (TrojDiff Din ``class:k``, Dout ``<dataset>:k`` such as
+    ``mnist:k`` or ``letters:k``)."""
+    kind, sep, k = str(name).partition(":")
+    return bool(sep) and kind not in ("file", "tensor") and k.isdigit()
 
 
 def render_target(name: str, image_size: int, trigger: str | None = None) -> torch.Tensor:
     """The target image of shape (3, S, S) in [-1, 1]; ``trigger`` is needed for trigger/shift."""
     if is_class_target(name):
         raise PatternError(f"target {name!r} is a class of images, not one image")
+    if name.startswith("tensor:"):
+        return read_tensor(name, image_size)
     if name in ("trigger", "shift"):
         if not trigger or trigger == "none":
             raise PatternError(f"target {name!r} is drawn from the trigger: name the trigger too")

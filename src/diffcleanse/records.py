@@ -48,6 +48,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         elif final.exists():
             final.unlink()
         os.replace(target, final)
+    except Exception as err:
+        err.add_note(f"{final}: not written (disk full or unwritable?); its partial temporary "
+                     f"was removed, nothing half-written is left")
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
