@@ -13,6 +13,8 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/common_adaptive.smk"
+include: "workflow/rules/common_removal_ablation.smk"
 
 
 wildcard_constraints:
@@ -20,9 +22,11 @@ wildcard_constraints:
 
 
 include: "workflow/rules/models.smk"
+include: "workflow/rules/adaptive.smk"
 include: "workflow/rules/gallery.smk"
 include: "workflow/rules/detection.smk"
 include: "workflow/rules/removal.smk"
+include: "workflow/rules/removal_ablation.smk"
 include: "workflow/rules/evaluation.smk"
 
 

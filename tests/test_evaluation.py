@@ -265,6 +265,12 @@ def _record(
         "asr_inverted": asr_inverted,
         "clean_hit_rate": None,
         "seconds": 1.0,
+        "trigger": "box_14" if backdoored else "none",
+        "target": "hat" if backdoored else "none",
+        "uniform_real": 0.01 if backdoored and state == "original" else None,
+        "inverted_by_method": {"bbti": {"asr": asr_inverted, "uniform_score": 0.05,
+                                        "l2_to_true_trigger": 12.0}}
+        if backdoored and state == "original" else {},
         "protocol": {
             "utility_metric": "FD-digits-cls",
             "feature_extractor": "classifier",
@@ -355,7 +361,8 @@ def hand_made(tmp_path):
         for rule, s in (("train_model", 60.0), ("invert_trigger", 30.0)):
             p = _write(tmp_path / f"bench/{rule}/{m}.tsv", {})
             p.write_text(f"s\th:m:s\n{s}\t0:01:00\n")
-            bench.append({"rule": rule, "model": m, "path": str(p)})
+            extra = {"method": "bbti", "seed": "0"} if rule == "invert_trigger" else {}
+            bench.append({"rule": rule, "model": m, "path": str(p), **extra})
     return evs, vds, bench, tmp_path
 
 
@@ -481,3 +488,20 @@ def test_removal_tables_tell_a_group_without_removal_from_a_missing_group(hand_m
     assert t2.loc["DDPM-D", "Diff-Cleanse ΔASR"] == tables.NO_REMOVAL
     assert t2.loc["ODE-C", "Diff-Cleanse ΔASR"] == tables.NO_MODEL
     assert res["table4"].set_index("Model").loc["DDPM-D", "loss_p ΔASR"] == tables.NO_REMOVAL
+
+
+def test_table_i_lists_the_ground_truth_and_each_methods_trigger(hand_made):
+    evs, vds, bench, root = hand_made
+    out = _outputs(root, names=("tableI", "table1"))
+    res = tables.build_tables(evs, vds, out, benchmarks=bench, methods=["bbti", "elijah"])
+    t = res["tableI"]
+    assert list(t.columns) == ["Model", "Trigger", "Target", "Method", "Uniform", "ASR", "L2 dist"]
+    assert sorted(set(t["Model"])) == ["bd-1", "bd-2"]  # backdoored models only
+    gt = t[t["Method"] == "GT"]
+    assert gt["L2 dist"].tolist() == [0.0, 0.0] and gt["ASR"].tolist() == [0.9, 0.9]
+    eli = t[t["Method"] == "Elijah"]
+    assert eli["ASR"].tolist() == [tables.NOT_RUN] * 2  # elijah made no trigger in these records
+    assert "PureDiffusion's Table I" in (root / "tables/tableI.md").read_text()
+    t1 = res["table1"]
+    assert "Combined ACC" in t1.columns and "Elijah ACC" in t1.columns
+    assert t1.iloc[-1]["Elijah ACC"] == tables.NOT_RUN

@@ -194,6 +194,31 @@ def test_paper_manifest_builds_its_dag_quickly(tmp_path):
     assert "train_model" in proc.stdout and "fetch_model" in proc.stdout
 
 
+def _job_counts(stdout):
+    counts = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_default_run_inverts_every_model_with_every_method(tmp_path):
+    """The default config runs the four inversion methods on every model of its zoo (one job per
+    model, method and seed), a population detector per method and one detection table."""
+    import yaml
+
+    wd = workdir_copy(tmp_path)
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    methods = cfg["inversion"]["methods"]
+    assert methods == ["bbti", "elijah", "purediffusion", "terd"]
+    n_models = len((wd / cfg["manifest"]).read_text().strip().splitlines()) - 1
+    counts = _job_counts(run_snakemake(wd, "-n", "--quiet", "rules", timeout=300).stdout)
+    assert counts["invert_trigger"] == counts["detect_method"] == n_models * len(methods)
+    assert counts["detect"] == n_models and counts["detect_population"] == len(methods)
+    assert counts["detection_table"] == 1
+
+
 def test_bad_manifest_stops_before_any_job(tmp_path):
     wd = workdir_copy(tmp_path)
     bad = (wd / "config/zoo-smoke.tsv").read_text().replace("baddiffusion", "badnets")

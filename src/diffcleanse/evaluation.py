@@ -269,9 +269,9 @@ def class_target(name: str) -> tuple[str, int]:
     """``class:k`` -> ("dataset", k) (a class of the training data, Din); ``mnist:k`` ->
     ("mnist", k) (Dout)."""
     kind, _, k = name.partition(":")
-    if kind not in ("class", "mnist") or not k.isdigit():
-        raise ValueError(f"{name!r} is not a class target (class:<k> or mnist:<k>)")
-    return ("dataset" if kind == "class" else "mnist"), int(k)
+    if not patterns.is_class_target(name):
+        raise ValueError(f"{name!r} is not a class target (class:<k> or <dataset>:<k>)")
+    return ("dataset" if kind == "class" else kind), int(k)
 
 
 def detection_accuracy(predicted: Sequence[bool], truth: Sequence[bool]) -> float:
@@ -377,6 +377,7 @@ def evaluate_model(
     classifier_dir: str | None = None,
     class_classifier_dir: str | None = None,
     inverted_trigger: str | None = None,
+    method_triggers: dict[str, str] | None = None,
     data_root: str = "data",
     download: bool = False,
     base_seed: int = 0,
@@ -390,7 +391,11 @@ def evaluate_model(
     data. For backdoored models
     (card ground truth): ASR of ``asr_n_samples`` backdoor samples with the real trigger and, when
     ``inverted_trigger`` is given, with the inverted one (same noise for both). ``variant`` names
-    the removal setting (strategy, ratio, loss) of pruned/fine-tuned states.
+    the removal setting (strategy, ratio, loss) of pruned/fine-tuned states. ``method_triggers``
+    (method -> trigger file) adds, per inversion method, the ASR of its trigger, the uniform
+    score of its samples (``uniform_score``) and its L2 distance to the true trigger
+    (``inverted_by_method``; the real trigger's uniform score is ``uniform_real``): Table 1's ASR
+    per method and PureDiffusion's Table I.
     """
     from safetensors.torch import load_file, save_file
 
@@ -402,8 +407,11 @@ def evaluate_model(
     row, gt = card["manifest_row"], card["ground_truth"]
     model_id = row["model_id"]
     dev = torch.device(device)
-    unet, sched_cfg = models.load_model(model_dir, allow_pickle=allow_pickle, device=dev)
-    size = int(unet.config.sample_size)
+    from diffcleanse import zoo
+
+    dm = models.load_pipeline(model_dir, allow_pickle=allow_pickle, device=dev)
+    unet = dm.unet
+    size = int(row["image_size"])  # the images' size (an LDM denoises smaller latents)
     kind = None
     if gt["backdoored"]:
         kind = "class" if patterns.is_class_target(gt["target"]) else "image"
@@ -423,12 +431,11 @@ def evaluate_model(
     fid_sampler = sampling.SamplerSpec(
         name=spec.fid_sampler or row["sampler"], steps=spec.fid_steps
     )
-    clean = sampling.sample(
-        unet,
-        sched_cfg,
+    clean = zoo.clean_samples(  # decoded images (LDM: through its autoencoder)
+        dm,
+        fid_sampler,
         spec.fid_n_samples if utility else GRID_SAMPLES,
-        spec=fid_sampler,
-        seed=derive_seed(base_seed, model_id, "evaluate", "clean"),
+        derive_seed(base_seed, model_id, "evaluate", "clean"),
         batch_size=spec.batch_size,
         desc="clean (utility)",
     )
@@ -461,20 +468,19 @@ def evaluate_model(
     grid = {"clean": clean[:GRID_SAMPLES]}
     asr_real = asr_inv = None
     clean_hit = None
+    uniform_real = None
+    by_method: dict[str, dict[str, Any]] = {}
     if kind is not None:
-        real = patterns.render_trigger(gt["trigger"], size)
-        x = sampling.sample(
-            unet,
-            sched_cfg,
-            spec.asr_n_samples,
-            spec=asr_sampler,
-            trigger=real,
-            seed=bd_seed,
-            batch_size=spec.batch_size,
-            desc="backdoor (real)",
-        )
+        # the real trigger, sampled exactly as the attacker samples it: its backdoored input
+        # (noise + r; TrojDiff's gamma z + mu) and its backdoor sampler (TrojDiff's own)
+        from diffcleanse import zoo
+
+        x, real, real_sampler = zoo.real_trigger_samples(
+            model_dir, row, spec.asr_steps, spec.asr_n_samples, bd_seed,
+            batch_size=spec.batch_size, allow_pickle=allow_pickle, device=dev, unet=unet)
         asr_real = _asr(x, gt["target"], gt["trigger"], kind, spec, classifier)
         grid["backdoor_real"] = x[:GRID_SAMPLES]
+        x_real = x
         if kind == "image":
             tgt = patterns.render_target(gt["target"], size, gt["trigger"])
             clean_hit = asr_image(clean, tgt, spec.mse_threshold)
@@ -482,18 +488,20 @@ def evaluate_model(
             clean_hit = asr_class(clean, classifier, class_target(gt["target"])[1])
         if inverted_trigger:
             inv = load_file(str(inverted_trigger))["trigger"]
-            x = sampling.sample(
-                unet,
-                sched_cfg,
-                spec.asr_n_samples,
-                spec=asr_sampler,
-                trigger=inv,
-                seed=bd_seed,
-                batch_size=spec.batch_size,
-                desc="backdoor (inverted)",
-            )
+            x = _defender_samples(dm, inv, asr_sampler, spec, bd_seed, "backdoor (inverted)")
             asr_inv = _asr(x, gt["target"], gt["trigger"], kind, spec, classifier)
             grid["backdoor_inverted"] = x[:GRID_SAMPLES]
+        uniform_real = uniform_score(x_real)
+        for method, path in (method_triggers or {}).items():
+            inv = load_file(str(path))["trigger"]
+            x = _defender_samples(dm, inv, asr_sampler, spec, bd_seed, f"backdoor ({method})")
+            by_method[method] = {
+                "asr": _asr(x, gt["target"], gt["trigger"], kind, spec, classifier)["value"],
+                "uniform_score": uniform_score(x),
+                "l2_to_true_trigger": float((inv.float() - real.float()).norm())
+                if tuple(inv.shape) == tuple(real.shape) else None,
+                "trigger_norm": float(inv.float().norm()), "trigger": str(path)}
+            grid[f"backdoor_{method}"] = x[:GRID_SAMPLES]
         log.info(
             "%s %s: ASR real %.3f, inverted %s",
             model_id,
@@ -504,7 +512,7 @@ def evaluate_model(
     for name in ("asr_real", "asr_inverted"):
         v = asr_real if name == "asr_real" else asr_inv
         if v is not None:
-            v["sampler"] = asr_sampler.describe()
+            v["sampler"] = (real_sampler if name == "asr_real" else asr_sampler).describe()
     variant = dict(variant or {})
     protocol = {
         "utility_metric": None if util is None else util["metric"],
@@ -552,6 +560,8 @@ def evaluate_model(
         asr_real=None if asr_real is None else asr_real["value"],
         asr_inverted=None if asr_inv is None else asr_inv["value"],
         clean_hit_rate=clean_hit,
+        uniform_real=uniform_real,
+        inverted_by_method=by_method,
         protocol=protocol,
         details={"utility": util, "asr_real": asr_real, "asr_inverted": asr_inv},
         seeds={"clean": derive_seed(base_seed, model_id, "evaluate", "clean"), "backdoor": bd_seed},
@@ -560,6 +570,31 @@ def evaluate_model(
         save_file({k: v.contiguous() for k, v in grid.items()}, str(tmp))
     write_json(record_path, rec)
     return rec
+
+
+def _defender_samples(dm: models.DiffusionModel, trigger: torch.Tensor,
+                      sampler: sampling.SamplerSpec, spec: EvalSpec, seed: int, desc: str
+                      ) -> torch.Tensor:
+    """Images from ``noise + trigger`` under the model's own sampler (how stage 1 and the defender
+    use an inverted trigger), decoded (LDM) and clamped."""
+    from diffcleanse import zoo
+
+    x = sampling.sample(dm.unet, dm.scheduler_config, spec.asr_n_samples, spec=sampler,
+                        trigger=trigger, seed=seed, batch_size=spec.batch_size, desc=desc,
+                        clamp=False)
+    return zoo.decode_images(dm, x)
+
+
+def uniform_score(samples: torch.Tensor) -> float:
+    """PureDiffusion's uniform score: the mean MSE over all pairs of samples, with pixels in
+    [0, 1] (0 when every sample is the same image; lower is more uniform)."""
+    x = ((samples.detach().float().clamp(-1, 1) + 1) / 2).flatten(1)
+    n = len(x)
+    if n < 2:
+        raise ValueError("the uniform score needs at least two samples")
+    sq = (x * x).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0) / x.shape[1]
+    return float(d.sum() / (n * (n - 1)))
 
 
 def entropy_values(images: torch.Tensor, bins: int = 4096, batch_size: int = 512) -> torch.Tensor:
@@ -605,7 +640,8 @@ def ablate_entropy_loss(
     t0 = time.time()
     card = read_json(card_path)
     model_id = card["manifest_row"]["model_id"]
-    inv_params = {**inversion_params, "entropy_loss": False}
+    inv_params = {**inversion_params,
+                  "bbti": {**(inversion_params.get("bbti") or {}), "entropy_loss": False}}
     keys = ("trigger", "trigger_png", "samples_png", "samples")
     inv = inversion.invert_model(
         model_dir,
@@ -613,6 +649,7 @@ def ablate_entropy_loss(
         inv_params,
         detection_params,
         model_id=model_id,
+        method="bbti",
         classifier_dir=classifier_dir,
         seed=base_seed,
         device=device,
@@ -666,6 +703,8 @@ def ablate_threshold(
     ratio: float,
     strategy: str = "diffcleanse",
     groupnorm: str = "exact",
+    scores: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
     classifier_dir: str | None = None,
     class_classifier_dir: str | None = None,
     data_root: str = "data",
@@ -679,8 +718,8 @@ def ablate_threshold(
     the importance scores and the pruned model live in a temporary folder."""
     import tempfile
 
+    from diffcleanse.removal import ScoreSpec, stages
     from diffcleanse.removal import importance as imp
-    from diffcleanse.removal import stages
 
     t0 = time.time()
     names = imp.ImportanceConfig.__dataclass_fields__
@@ -703,6 +742,7 @@ def ablate_threshold(
             cfg=cfg,
             seed=base_seed,
             device=device,
+            allow_pickle=allow_pickle,
         )
         prec = stages.run_prune(
             model_dir,
@@ -712,6 +752,8 @@ def ablate_threshold(
             strategy=strategy,
             ratio=ratio,
             groupnorm=groupnorm,
+            spec=ScoreSpec(**(scores or {})),
+            allow_pickle=allow_pickle,
         )
         ev = evaluate_model(
             tmp / "pruned",

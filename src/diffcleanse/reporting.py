@@ -62,20 +62,27 @@ def model_gallery(
     base_seed: int = 0,
 ) -> None:
     """Clean samples beside backdoor samples for one zoo model (uses its card's ground truth)."""
+    from diffcleanse import zoo
+
     card = read_json(card_path)
     row = card["manifest_row"]
-    unet, sched_cfg = models.load_model(model_dir)
-    size = unet.config.sample_size
+    model = models.load_pipeline(model_dir)
+    size = int(row["image_size"])
     gt = card["ground_truth"]
     attacked = gt["backdoored"]
     trig_name = gt["trigger"] if attacked else control_trigger
-    trigger = patterns.render_trigger(trig_name, size)
     spec = sampling.SamplerSpec(name=row["sampler"], steps=steps)
     seed = derive_seed(base_seed, row["model_id"], "gallery")
-    clean = sampling.sample(unet, sched_cfg, n_samples, spec=spec, seed=seed, desc="clean")
-    bd = sampling.sample(
-        unet, sched_cfg, n_samples, spec=spec, trigger=trigger, seed=seed, desc="backdoor"
-    )
+    clean = zoo.clean_samples(model, spec, n_samples, seed, desc="clean")
+    if attacked:  # as the attacker samples it (its input, its sampler, its model's decoder)
+        bd, _, spec_bd = zoo.real_trigger_samples(model_dir, row, steps, n_samples, seed)
+    else:
+        r = patterns.render_trigger(trig_name, size)
+        bd = zoo.decode_images(model, sampling.sample(
+            model.unet, model.scheduler_config, n_samples, spec=spec, trigger=r, seed=seed,
+            desc="backdoor", clamp=False)) if model.space_shape[-1] == size else clean[:0]
+        spec_bd = spec
+    trigger = patterns.render_trigger(trig_name, size)
     extras = [(f"trigger {trig_name}", patterns.stamp(torch.full_like(trigger, -1), trigger))]
     if attacked and not patterns.is_class_target(gt["target"]):
         extras.append(
@@ -86,9 +93,10 @@ def model_gallery(
     asr = f", attack ASR {check['asr']:.2f}" if check else ""
     title = (
         f"{row['model_id']}: {row['attack']} ({gt['trigger']} -> {gt['target']}{asr})\n"
-        f"{spec.name} {steps or 'all'} steps, clip_sample={spec.clip_sample}"
+        f"{spec_bd.name} {steps or 'all'} steps, clip_sample={spec.clip_sample}"
     )
-    image_rows([("clean noise", clean), (label, bd)], title, out_png, extras)
+    rows = [("clean noise", clean)] + ([(label, bd)] if len(bd) else [])
+    image_rows(rows, title, out_png, extras)
 
 
 # ---- evaluation figures (paper Figs. 4, 5, 6 and 11-13) ----------------------------------------
@@ -288,3 +296,131 @@ def before_after(
             extras.append((f"target {rec['target']}",
                            patterns.render_target(rec["target"], size, rec["trigger"])))
     image_rows(rows, title, out_png, extras)
+
+
+def trigger_figure(trigger: torch.Tensor, record: dict, path: str | Path) -> None:
+    """An inverted trigger, min-max scaled for display, with its range, method and encoder."""
+    import textwrap
+
+    r = trigger.detach().float().cpu()
+    shown = (r - r.min()) / (r.max() - r.min() + 1e-8) * 2 - 1
+    title = (f"{record.get('model', '')}: {record.get('method', '')} trigger "
+             f"(seed {record.get('seed_index', 0)}), min-max scaled; values in "
+             f"[{float(r.min()):.2f}, {float(r.max()):.2f}], L2 norm {float(r.norm()):.2f}")
+    fig, ax = plt.subplots(figsize=(3.6, 3.9))
+    ax.imshow(to_image(shown), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("\n".join(textwrap.wrap(title, 44)), fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)
+
+
+def inversion_samples_figure(samples: torch.Tensor, record: dict, path: str | Path,
+                             per_row: int = 8, max_samples: int = 16) -> None:
+    """The verdict samples from noise + the inverted trigger, eight a row, with the verdict."""
+    n = min(len(samples), max_samples)
+    x = samples[:n].detach().float().cpu().clamp(-1, 1)
+    rows = [(f"samples\n{i + 1}-{min(i + per_row, n)}", x[i:i + per_row])
+            for i in range(0, n, per_row)]
+    s = record["sampler"]
+    v = record["detection"]
+    title = (f"{record.get('model', '')} · {record.get('method', '')}: noise + inverted trigger "
+             f"-> MSCR {v['mscr']:.2f} (κ={record['active_kappa']}, κ_d={record['kappa_d']}) -> "
+             f"{record['verdict']}\n{s['name']} {s['steps'] or 'all'} steps, clip_sample="
+             f"{s['clip_sample']}, encoder {record['encoder']}")
+    image_rows(rows, title, path)
+
+
+def roc_figure(curves: dict[str, dict], paths, title: str) -> None:
+    """ROC curves, one per method (seaborn style), with each AUC in the legend."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--", label="chance")
+    for name, r in curves.items():
+        if r.get("fpr"):
+            ax.plot(r["fpr"], r["tpr"], lw=1.8, drawstyle="steps-post",
+                    label=f"{name} (AUC {r['auc']:.2f})")
+        else:
+            ax.plot([], [], label=f"{name} ({r.get('note', 'n/a')})")
+    ax.set_xlabel("false positive rate (clean models flagged)")
+    ax.set_ylabel("true positive rate (backdoored models flagged)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, paths)
+
+
+def removal_ablation_figure(rows, utility_metric: str, paths) -> int:
+    """The removal ablation (a generalised Fig. 6): per state (pruned, fine-tuned), the real
+    trigger's ASR, the utility change and the out-of-range share of the triggered samples against
+    the share of channels removed; one line per variant family and trigger source (mean over
+    seeds, bars: min-max). Returns the number of points plotted."""
+    import seaborn as sns
+
+    title = "Removal ablation: which channels to prune (generalised Fig. 6)"
+    if rows is None or len(rows) == 0:
+        _note_figure("The removal ablation was not configured (removal.ablation.models).", title,
+                     paths)
+        return 0
+    sns.set_theme(style="whitegrid", context="paper")
+    df = rows.copy()
+    df["variant"] = df["family"] + df["trigger_source"].map(
+        lambda s: "" if s == "none" else f" [{s}]")
+    df["channels %"] = 100 * df["channels_fraction"]
+    panels = [("asr_real", "ASR (real trigger)"), ("delta_utility", f"Δ{utility_metric}"),
+              ("out_of_range_triggered", "out-of-range share, triggered")]
+    fig, axes = plt.subplots(2, 3, figsize=(12.5, 6.6), squeeze=False)
+    for i, state in enumerate(("pruned", "finetuned")):
+        for j, (field, label) in enumerate(panels):
+            ax = axes[i][j]
+            sns.lineplot(data=df, x="channels %", y=f"{field}_{state}", hue="variant",
+                         style="variant", markers=True, dashes=False, errorbar=("pi", 100),
+                         err_style="bars", ax=ax, legend=(i == 0 and j == 2))
+            ax.set_ylabel(label)
+            ax.set_title("after pruning" if i == 0 else "after fine-tuning (loss_p)", fontsize=8)
+            ax.set_xlabel("output channels removed (%)")
+            if field != "delta_utility":
+                ax.set_ylim(-0.03, 1.03)
+    leg = axes[0][2].get_legend()
+    if leg is not None:
+        leg.set_bbox_to_anchor((1.02, 1.0))
+        leg._loc = 2  # upper left, outside the axes
+        for t in leg.get_texts():
+            t.set_fontsize(6)
+    models_ = ", ".join(sorted(df["model"].unique()))
+    fig.suptitle(f"{title}: {models_}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.86, 0.96))
+    save_figure(fig, paths)
+    return len(df)
+
+
+def removal_ablation_samples(samples: dict[str, torch.Tensor], rows, path: str | Path,
+                             seed: int | None = None, per_row: int = 8) -> int:
+    """What noise + the real trigger generates after each variant (fine-tuned), one row per
+    variant, the original first: the check that a removed backdoor left ordinary samples (paper
+    Figs. 11-13 (d)) rather than garbage. Returns the number of rows."""
+    if rows is None or len(rows) == 0:
+        return 0
+    seed = int(rows["seed"].min()) if seed is None else seed
+    sel = rows[rows["seed"] == seed].sort_values(["trigger_source", "strategy", "family", "ratio"])
+    img_rows = [("original", samples["original/triggered"][:per_row])]
+    for _, r in sel.iterrows():
+        key = f"{r['samples_key']}/finetuned/triggered"
+        if key in samples:
+            oor = r["out_of_range_triggered_finetuned"]
+            label = (f"{r['family']} @{r['ratio']:g}\n[{r['trigger_source']}] ASR "
+                     f"{r['asr_real_finetuned']:.2f}, oor {oor:.2f}")
+            img_rows.append((label, samples[key][:per_row]))
+    model = sel["model"].iloc[0] if len(sel) else ""
+    image_rows(img_rows, f"{model}: noise + real trigger after each variant, fine-tuned (seed "
+               f"{seed})", path)
+    return len(img_rows)

@@ -66,7 +66,8 @@ PAPER_ROWS: dict[str, list[tuple[str, ...]]] = {
     "table7": [("BadDiff",), ("VillanDiff",), ("TrojDiff",)],
 }
 STRATEGY_LABELS = {"diffpruning": "Diff-Pruning", "diffcleanse": "Diff-Cleanse"}
-METHOD_LABELS = {"elijah": "Elijah", "bbti": "BBTI"}
+METHOD_LABELS = {"elijah": "Elijah", "bbti": "BBTI", "purediffusion": "PureDiffusion",
+                 "terd": "TERD", "combined": "Combined"}
 DATASET_LETTERS = {"cifar10": "C", "celeba": "A", "celebahq": "A", "digits": "D", "mnist": "M"}
 
 
@@ -101,6 +102,10 @@ _EVAL_KEYS = (
     "asr_inverted",
     "clean_hit_rate",
     "seconds",
+    "trigger",
+    "target",
+    "uniform_real",
+    "inverted_by_method",
 )
 
 
@@ -311,12 +316,21 @@ def utility_name(evals: pd.DataFrame) -> str:
 # ---- Table 1: trigger inversion and detection --------------------------------------------------
 
 
+def _method_asr(sub: pd.DataFrame, method: str) -> float:
+    """Mean ASR of a method's (first-seed) trigger over backdoored models of ``sub``."""
+    vals = [r.get(method, {}).get("asr") for r in sub["inverted_by_method"] if isinstance(r, dict)]
+    vals = [v for v in vals if v is not None]
+    return float(sum(vals) / len(vals)) if vals else math.nan
+
+
 def table1(evals: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
     """ACC (clean and backdoored models of the group) and ASR of the inverted trigger (mean over
-    backdoored models, original state) per attack and group, per inversion method."""
+    backdoored models, original state) per attack and group, per inversion method; ACC of the
+    combined verdict (any method's trigger reaching κ_d) last."""
     orig = evals[evals["state"] == "original"].drop_duplicates("model").copy()
     orig["key"] = row_keys(orig, "table1")
-    methods = list(dict.fromkeys(["elijah", "bbti", *verdicts["method"].unique()]))
+    present = [m for m in verdicts["method"].unique() if m != "combined"]
+    methods = list(dict.fromkeys(["elijah", "bbti", *present]))
     rows = []
     for key in ordered_keys("table1", orig["key"]):
         sub = orig[orig["key"] == key]
@@ -327,25 +341,48 @@ def table1(evals: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
             r["Models"] = (
                 f"{int((~sub['backdoored']).sum())} clean / {int(sub['backdoored'].sum())} bd"
             )
-        for m in methods:
+        for m in [*methods, "combined"]:
             lab = METHOD_LABELS.get(m, m)
             v = verdicts[(verdicts["method"] == m) & verdicts["model"].isin(sub["model"])]
+            cols = [f"{lab} ACC"] if m == "combined" else [f"{lab} ACC", f"{lab} ASR"]
             if sub.empty:
-                r[f"{lab} ACC"] = r[f"{lab} ASR"] = NO_MODEL
-            elif v.empty:
-                r[f"{lab} ACC"] = r[f"{lab} ASR"] = NOT_RUN
-            else:
-                truth = v["model"].map(sub.set_index("model")["backdoored"])
-                r[f"{lab} ACC"] = float((v["flagged"] == truth).mean())
-                # the evaluation measures the ASR of the BBTI trigger (the one removal uses)
+                r |= dict.fromkeys(cols, NO_MODEL)
+                continue
+            if v.empty:
+                r |= dict.fromkeys(cols, NOT_RUN)
+                continue
+            truth = v["model"].map(sub.set_index("model")["backdoored"])
+            r[f"{lab} ACC"] = float((v["flagged"] == truth).mean())
+            if m != "combined":
                 bd = sub[sub["backdoored"]]
-                r[f"{lab} ASR"] = (
-                    _mean(bd["asr_inverted"])
-                    if m == "bbti" and len(bd)
-                    else (NOT_RUN if len(bd) else "no backdoored model")
-                )
+                r[f"{lab} ASR"] = _method_asr(bd, m) if len(bd) else "no backdoored model"
         rows.append(r)
     return pd.DataFrame(rows)
+
+
+def table_i(evals: pd.DataFrame, methods: Sequence[str] = ("elijah", "purediffusion")
+            ) -> pd.DataFrame:
+    """PureDiffusion's Table I: per backdoored model (original state), the uniform score, ASR and
+    L2 distance to the true trigger of the ground-truth trigger (GT) and of each method's
+    first-seed inverted trigger (same noise for all)."""
+    orig = evals[(evals["state"] == "original") & evals["backdoored"].astype(bool)]
+    orig = orig.drop_duplicates("model").sort_values("model")
+    rows = []
+    for _, e in orig.iterrows():
+        by = e["inverted_by_method"] if isinstance(e["inverted_by_method"], dict) else {}
+        base = {"Model": e["model"], "Trigger": e["trigger"], "Target": e["target"]}
+        rows.append(base | {"Method": "GT", "Uniform": e["uniform_real"], "ASR": e["asr_real"],
+                            "L2 dist": 0.0})
+        for m in methods:
+            d = by.get(m)
+            if d is None:
+                rows.append(base | {"Method": METHOD_LABELS.get(m, m), "Uniform": NOT_RUN,
+                                    "ASR": NOT_RUN, "L2 dist": NOT_RUN})
+                continue
+            rows.append(base | {"Method": METHOD_LABELS.get(m, m), "Uniform": d["uniform_score"],
+                                "ASR": d["asr"], "L2 dist": d["l2_to_true_trigger"]})
+    cols = ["Model", "Trigger", "Target", "Method", "Uniform", "ASR", "L2 dist"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 # ---- Tables 2 and 4: removal -------------------------------------------------------------------
@@ -537,15 +574,20 @@ def table7(
     *,
     strategy: str = "diffcleanse",
     finetune_loss: str = "p",
+    methods: Sequence[str] = ("bbti",),
 ) -> pd.DataFrame:
-    """Mean wall-clock time per model of training, BBTI, backdoor removal (importance + pruning)
-    and fine-tuning, per attack (clean models: their own row), from benchmark files."""
+    """Mean wall-clock time per model of training, each inversion method (first seed), backdoor
+    removal (importance + pruning) and fine-tuning, per attack (clean models: their own row),
+    from benchmark files."""
     orig = evals[evals["state"] == "original"].drop_duplicates("model").copy()
     orig["key"] = [(ATTACK_LABELS.get(a, a),) for a in orig["attack"]]
     b = bench.copy()
-    for c in ("strategy", "loss", "ratio"):
+    for c in ("strategy", "loss", "ratio", "method", "seed"):
         if c not in b.columns:
             b[c] = None
+    first_seed = b.loc[b["rule"] == "invert_trigger", "seed"].dropna()
+    if len(first_seed):
+        b = b[(b["rule"] != "invert_trigger") | (b["seed"] == min(first_seed, key=int))]
 
     def per_model(rule: str, ids: Sequence[str], **match: Any) -> pd.Series:
         sel = b[(b["rule"] == rule) & b["model"].isin(ids)]
@@ -560,7 +602,8 @@ def table7(
         ids = list(sub["model"])
         r: dict[str, Any] = {"Attack": key[0], "Models": len(ids) if ids else NO_MODEL}
         if not ids:
-            r |= dict.fromkeys(("Training", "BBTI", "Backdoor Removal", "Fine-tuning"), NO_MODEL)
+            r |= dict.fromkeys(("Training", *[METHOD_LABELS.get(m, m) for m in methods],
+                                "Backdoor Removal", "Fine-tuning"), NO_MODEL)
             rows.append(r)
             continue
         train = per_model("train_model", ids)
@@ -573,8 +616,9 @@ def table7(
             & (b["loss"] == finetune_loss)
         ]
         r["Training"] = float(train.mean()) if len(train) else "not trained here"
-        inv = per_model("invert_trigger", ids)
-        r["BBTI"] = float(inv.mean()) if len(inv) else NOT_RUN
+        for m in methods:
+            inv = per_model("invert_trigger", ids, method=m)
+            r[METHOD_LABELS.get(m, m)] = float(inv.mean()) if len(inv) else NOT_RUN
         if len(removal_models) and len(prune):
             # per run of removal: the model's importance plus one pruning
             r["Backdoor Removal"] = float(removal_models.mean() + prune["s"].mean())
@@ -606,6 +650,7 @@ def build_tables(
     losses: Sequence[str] = ("c", "p"),
     finetune_loss: str = "p",
     device: str = "cpu",
+    methods: Sequence[str] = ("bbti",),
 ) -> dict[str, pd.DataFrame]:
     """Write the tables named in ``outputs`` (keys ``evaluation_csv``, ``table1_csv``,
     ``table1_md``, ... ``table7_md``; ``table3_*`` only with ``entropy_ablation``)."""
@@ -614,8 +659,15 @@ def build_tables(
     proto = protocol_text(ev)
     out: dict[str, pd.DataFrame] = {"evaluation": ev}
     if "evaluation_csv" in outputs:
+        flat = ev.drop(columns=["record", "inverted_by_method"], errors="ignore")
+        for m in methods:
+            for key, col in (("asr", "asr"), ("uniform_score", "uniform"),
+                             ("l2_to_true_trigger", "l2_to_true")):
+                flat[f"{col}_{m}"] = [
+                    (d.get(m) or {}).get(key) if isinstance(d, dict) else None
+                    for d in ev.get("inverted_by_method", [None] * len(ev))]
         with atomic_path(outputs["evaluation_csv"]) as tmp:
-            ev.drop(columns=["record"]).to_csv(tmp, index=False)
+            flat.to_csv(tmp, index=False)
     name = utility_name(ev)
     empty_note = (
         f"Rows reading '{NO_MODEL}' are groups of the paper's table the zoo has no model of."
@@ -628,11 +680,29 @@ def build_tables(
             outputs["table1_md"],
             "Table 1: trigger inversion and backdoor detection",
             f"ACC: share of the group's clean and backdoored models whose verdict "
-            f"(MSCR ≥ κ_d) is right. ASR: attack success rate of the inverted trigger "
-            f"on the original model, mean over the group's backdoored models. {proto}",
-            [empty_note, "Elijah is not implemented in this workflow yet ('not run')."],
+            f"(MSCR ≥ κ_d of the method's first-seed trigger, under the model's own sampler) "
+            f"is right; Combined: flagged when any method's trigger reaches κ_d (at least half "
+            f"of the seeds). ASR: attack success rate of the method's inverted trigger on the "
+            f"original model, mean over the group's backdoored models. Each method's own "
+            f"detector (Elijah's random forest, TERD's and PureDiffusion's calibrated "
+            f"thresholds) is in results/tables/detection.md. {proto}",
+            [empty_note, "'not run': the method is not in inversion.methods."],
         )
         out["table1"] = t
+    if "tableI_csv" in outputs:
+        t = table_i(ev, [m for m in methods if m != "bbti"] or ["elijah", "purediffusion"])
+        write_table(
+            t,
+            outputs["tableI_csv"],
+            outputs["tableI_md"],
+            "PureDiffusion's Table I: ground truth vs each method's inverted trigger",
+            f"Per backdoored model, original state: Uniform = mean pairwise MSE (pixels in "
+            f"[0, 1]) of samples from noise + trigger (lower: more uniform); ASR with the "
+            f"same noise; L2 dist = L2 distance of the trigger to the true trigger (the "
+            f"attack's additive offset). {proto}",
+            ["'not run': the method is not in inversion.methods."],
+        )
+        out["tableI"] = t
     removal_note = (
         f"'{NO_REMOVAL}': the zoo has backdoored models of the group, but removal ran on none "
         f"of them (removal.run_on; with 'flagged', none was flagged)."
@@ -679,8 +749,9 @@ def build_tables(
         out["table4"] = t
     if "table7_csv" in outputs:
         bench = load_benchmarks(benchmarks)
-        t = table7(ev, bench, finetune_loss=finetune_loss)
-        cols = ["Training", "BBTI", "Backdoor Removal", "Fine-tuning"]
+        t = table7(ev, bench, finetune_loss=finetune_loss, methods=methods)
+        cols = ["Training", *[METHOD_LABELS.get(m, m) for m in methods], "Backdoor Removal",
+                "Fine-tuning"]
         with atomic_path(outputs["table7_csv"]) as tmp:
             t.to_csv(tmp, index=False)
         shown = _seconds_cells(t, cols)
@@ -689,7 +760,8 @@ def build_tables(
             "",
             f"Mean wall-clock time per model from Snakemake benchmark files (column s), "
             f"device '{device}': training (rule train_model; fetched models are not trained "
-            f"here), BBTI (invert_trigger), backdoor removal (importance + prune, "
+            f"here), each inversion method (invert_trigger, first seed), backdoor removal "
+            f"(importance + prune, "
             f"Diff-Cleanse, per pruning run), fine-tuning (finetune, Diff-Cleanse, "
             f"loss_{finetune_loss}). Clean models form their own row.",
             "",
@@ -701,3 +773,91 @@ def build_tables(
             tmp.write_text("\n".join(lines) + "\n")
         out["table7"] = t
     return out
+
+
+# ---- the removal ablation (a generalised Fig. 6) -------------------------------------------------
+
+
+def load_removal_ablation(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Every row of the ``removal_ablation`` records (one per variant, trigger source and seed),
+    and the records' protocols."""
+    rows, protocols = [], []
+    for p in as_paths(paths):
+        rec = read_json(p)
+        protocols.append({"model": rec["model"], "trigger_source": rec["trigger_source"],
+                          "utility_metric": rec["utility_metric"], **rec["protocol"]})
+        rows += rec["rows"]
+    return pd.DataFrame(rows), protocols
+
+
+ABLATION_VALUES = {  # column of the table -> record field
+    "channels": "channels_removed",
+    "channels %": "channels_fraction",
+    "params %": "params_fraction",
+    "ASR pruned": "asr_real_pruned",
+    "ASR fine-tuned": "asr_real_finetuned",
+    "ΔU pruned": "delta_utility_pruned",
+    "ΔU fine-tuned": "delta_utility_finetuned",
+    "out-of-range (trig.)": "out_of_range_triggered_finetuned",
+    "U of triggered": "fd_triggered_finetuned",
+}
+
+
+def _spread(s: pd.Series) -> str:
+    """``mean`` for one value, ``mean (min–max)`` over seeds."""
+    v = pd.to_numeric(s, errors="coerce").dropna()
+    if v.empty:
+        return "n/a"
+    if (v == v.round()).all() and v.abs().max() >= 1:
+        v = v.round().astype(int)
+        mean = float(v.mean())
+        m = str(int(mean)) if mean == int(mean) else f"{mean:.1f}"
+        return m if v.min() == v.max() else f"{m} ({v.min()}–{v.max()})"
+    m = _cell(float(v.mean()))
+    return m if len(v) == 1 or v.min() == v.max() else f"{m} ({_cell(float(v.min()))}–" \
+        f"{_cell(float(v.max()))})"
+
+
+def removal_ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per model, trigger source and variant (family and ratio): removal and its cost,
+    after pruning and after fine-tuning, as mean (min–max) over the seeds. ``U`` is the utility
+    metric (FID, or the labelled classifier FD); "out-of-range" and "U of triggered" describe
+    what noise + the real trigger generates after fine-tuning."""
+    if rows.empty:
+        return pd.DataFrame(columns=["model", "trigger", "variant", "ratio", "seeds",
+                                     *ABLATION_VALUES])
+    order = {"diffcleanse": 0, "diffpruning": 1, "random": 2}
+    rows = rows.assign(_o=rows["strategy"].map(order).fillna(9))
+    out = []
+    keys = ["model", "trigger_source", "_o", "family", "ratio"]
+    for (model, src, _, family, ratio), g in rows.sort_values(keys).groupby(keys, sort=False):
+        line: dict[str, Any] = {"model": model, "trigger": src, "variant": family,
+                                "ratio": ratio, "seeds": len(g)}
+        for col, field in ABLATION_VALUES.items():
+            line[col] = _spread(g[field]) if field in g else "n/a"
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def removal_ablation_caption(protocols: Sequence[dict[str, Any]]) -> str:
+    """What every number of the ablation table was measured with."""
+    if not protocols:
+        return "The removal ablation was not configured (removal.ablation.models)."
+    p = protocols[0]
+    s = p["sampler"]
+    ft = p["finetune"]
+    return (
+        f"Removal ablation (generalised Fig. 6). U = {p['utility_metric']} of "
+        f"{p['fid_n_samples']} clean samples; ASR with the real trigger over {p['asr_n_samples']} "
+        f"samples ({s['name']}, {_steps(s['steps'])}, clip_sample={s['clip_sample']}), MSE < "
+        f"κ_m = {p['mse_threshold']}; ΔU against the original model on the same noise. After "
+        f"fine-tuning (loss_p, {ft['epochs']:g} epochs, lr {ft['lr']:g}, batch "
+        f"{ft['batch_size']}): "
+        f"the share of values of the triggered samples beyond ±{1 + p['range_margin']:g} "
+        f"(before clamping) and U of the triggered samples (a backdoor replaced by garbage has "
+        f"ASR 0 and a large U). Channels: output channels removed over the whole UNet (exact "
+        f"per-layer budget, ceil(ratio × C)). Diff-Cleanse variants: normaliser (none = the "
+        f"paper's raw I_b − I_c; mean = each group's scores over their mean, the official code), "
+        f"I_c at t > T (T = {p['importance']['t_threshold_frac']:g} of the schedule) or over all "
+        f"t; I_b at t > T. Values: mean (min–max) over seeds."
+    )

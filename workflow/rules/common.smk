@@ -2,15 +2,52 @@
 # ids, and define the input/param functions the rules use (rules hold no lambdas or loops).
 import json
 import re
+import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from diffcleanse.manifest import load_manifest
+from diffcleanse.attacks import is_class_target
+from diffcleanse.inversion import get_method
+from diffcleanse import permodel
+from diffcleanse.manifest import load_manifest, schema_path
+from diffcleanse.safety import InputRefused, check_manifest_paths
 
-validate(config, schema="../schemas/config.schema.yaml")
+validate(config, schema=str(schema_path("config.schema.yaml")))  # the package ships it
 
-MANIFEST = load_manifest(config["manifest"])
+def _from_workflow(path):
+    """A relative path as given when it exists here, else relative to the workflow's directory
+    (so `snakemake --directory runs/<name>` finds the repository's configs and data)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not (WORKFLOW_DIR / p).exists():
+        return str(path)
+    return str(WORKFLOW_DIR / p)
+
+
+def _resolve_row_paths(manifest):
+    """Relative local: sources and file:/tensor: patterns resolved by ``_from_workflow``."""
+    for col, prefix in (("source", "local:"), ("trigger", "file:"), ("target", "file:"),
+                        ("trigger", "tensor:"), ("target", "tensor:")):
+        for m in manifest.index:
+            v = str(manifest.loc[m, col])
+            if v.startswith(prefix):
+                body = v[len(prefix):]
+                key, sep, path = body.partition(":") if prefix == "tensor:" else ("", "", body)
+                manifest.loc[m, col] = prefix + key + sep + _from_workflow(path)
+    return manifest
+
+
+WORKFLOW_DIR = Path(workflow.basedir)
+MANIFEST = _resolve_row_paths(load_manifest(_from_workflow(config["manifest"])))
+try:  # local paths must stay inside data.root when data.confine_local says so (issue 15)
+    check_manifest_paths(
+        MANIFEST.reset_index(drop=True).to_dict("records"),
+        config["data"]["root"],
+        config["data"]["confine_local"],
+    )
+except InputRefused as err:
+    raise WorkflowError(str(err)) from None
 MODEL_IDS = list(MANIFEST.index)
 TRAINED = [m for m in MODEL_IDS if MANIFEST.loc[m, "source"] == "train"]
 FETCHED = [m for m in MODEL_IDS if m not in TRAINED]
@@ -52,6 +89,8 @@ def get_train_params(wildcards):
             "download": config["data"]["download"],
             "unet": config["models"]["unet"],
             "scheduler": config["models"]["scheduler"],
+            "ncsn": config["models"].get("ncsn", {}),
+            "autoencoder": config["models"].get("autoencoder", {}),
             **{k: v for k, v in config["train"].items() if k != "threads"},
         }
     )
@@ -95,30 +134,143 @@ def get_encoder_input(wildcards):
     return {"classifier": f"results/classifiers/{classifier_key(wildcards.model)}"}
 
 
+INVERSION = config["inversion"]
+METHODS = list(INVERSION["methods"])
+SEEDS = [str(s) for s in INVERSION["seeds"]]
+FIRST_SEED = SEEDS[0]
+
+
+def _check_methods():
+    """Every configured method's settings against its Spec before anything runs; the (model,
+    method) pairs whose model type a method does not support are left out of the plan (and
+    named once here; the tables mark them)."""
+    problems, skipped, pairs = [], [], set()
+    for m in METHODS:
+        method = get_method(m)
+        try:
+            method.make_spec(INVERSION.get(m) or {}, where=f"inversion.{m}")
+        except (TypeError, ValueError) as err:
+            problems.append(str(err))
+        for model in MODEL_IDS:
+            mt = str(MANIFEST.loc[model, "model_type"])
+            if mt in method.model_types:
+                pairs.add((model, m))
+            else:
+                skipped.append(f"{m} on {model} ({mt}; {m} supports "
+                               f"{', '.join(method.model_types)})")
+    if problems:
+        raise WorkflowError("config inversion: " + "; ".join(problems))
+    if skipped:
+        print("inversion: not planned (model type not supported): " + "; ".join(skipped),
+              file=sys.stderr)
+    return pairs
+
+
+SUPPORTED = _check_methods()
+
+
+def model_methods(model, methods=None):
+    """The configured methods that support a model's type, in config order."""
+    return [m for m in (methods or METHODS) if (model, m) in SUPPORTED]
+
+
+def get_model_methods(wildcards):
+    return model_methods(wildcards.model)
+
+
+def inversion_dir(model, method, seed):
+    """Where one inversion's outputs live."""
+    return f"results/inversion/{model}/method~{method}/seed~{seed}"
+
+
+def per_model(value, model, key):
+    """A setting given as one value or as a mapping resolved for the model (image size,
+    model_type/dataset, model_type, dataset, group, default: diffcleanse.permodel)."""
+    try:
+        return permodel.resolve(value, row(model), key)
+    except KeyError as err:
+        raise WorkflowError(str(err)) from None
+
+
 def get_inversion_params(wildcards):
-    """Every inversion hyperparameter; the sampler is the model's own (manifest column)."""
-    inv = {k: v for k, v in config["inversion"].items() if k != "threads"}
-    return canonical({**inv, "sampler": str(MANIFEST.loc[wildcards.model, "sampler"])})
+    """The common inversion settings and the method's own (so changing one method's settings
+    reruns only that method); the sampler is the model's own (manifest column)."""
+    return inversion_params(wildcards.model, wildcards.method)
+
+
+def inversion_params(m, method):
+    """``get_inversion_params`` for model ``m`` and ``method``."""
+    return canonical(
+        {
+            "sampler": str(MANIFEST.loc[m, "sampler"]),
+            "steps": INVERSION["steps"],
+            "batch_size": per_model(INVERSION["batch_size"], m, "inversion.batch_size"),
+            method: INVERSION.get(method) or {},
+        }
+    )
+
+
+def get_bbti_params(wildcards):
+    """BBTI's inversion params for a model (the Table 3 ablation turns its entropy loss off)."""
+    return inversion_params(wildcards.model, "bbti")
 
 
 def get_detection_params(wildcards):
-    """κ's, encoder and the target kind (``manifest``: from the row's target, paper protocol)."""
-    det = dict(config["detection"])
-    for key in ("kappa_minus", "kappa_plus", "entropy_bins"):  # one entropy band for both stages
-        det[key] = config["inversion"][key]
+    """κ's, encoder, bands and the target kind (``manifest``: from the row's target, the paper's
+    protocol)."""
+    det = {k: v for k, v in config["detection"].items() if k != "population"}
     if det["target_kind"] == "manifest":
         target = str(MANIFEST.loc[wildcards.model, "target"])
-        det["target_kind"] = "class" if target.startswith(("class:", "mnist:")) else "image"
+        det["target_kind"] = "class" if is_class_target(target) else "image"
     return canonical(det)
 
 
-def get_detection_table_inputs(wildcards):
-    """Every model's verdict, final inverted-trigger samples and card (for the ground truth)."""
+def method_records(model, methods=None, seeds=None):
+    """The inversion records of a model, every (method, seed)."""
+    return [
+        f"{inversion_dir(model, m, s)}/record.json"
+        for m in model_methods(model, methods)
+        for s in (seeds or SEEDS)
+    ]
+
+
+def method_verdicts(model, methods=None, seeds=None):
+    """The per-method verdicts of a model, every (method, seed)."""
+    return [
+        f"results/detection/{model}/method~{m}/seed~{s}/verdict.json"
+        for m in model_methods(model, methods)
+        for s in (seeds or SEEDS)
+    ]
+
+
+def get_combine_inputs(wildcards):
+    m = wildcards.model
     return {
-        "verdicts": expand("results/detection/{model}/method~bbti/verdict.json", model=MODEL_IDS),
-        "samples": expand(
-            "results/inversion/{model}/method~bbti/samples.safetensors", model=MODEL_IDS
-        ),
+        "verdicts": method_verdicts(m),
+        "triggers": [
+            f"{inversion_dir(m, meth, s)}/trigger.safetensors"
+            for meth in model_methods(m)
+            for s in SEEDS
+        ],
+    }
+
+
+def get_population_inputs(wildcards):
+    """Every model's records of one method (all seeds) and the cards (labels: an aggregation)."""
+    return {
+        "records": [r for m in MODEL_IDS for r in method_records(m, [wildcards.method])],
+        "cards": expand("results/models/{model}/card.json", model=MODEL_IDS),
+    }
+
+
+def get_detection_table_inputs(wildcards):
+    """Every model's per-method verdicts and records, the combined verdicts, the population
+    detectors and the cards (for the ground truth)."""
+    return {
+        "verdicts": [v for m in MODEL_IDS for v in method_verdicts(m)],
+        "records": [r for m in MODEL_IDS for r in method_records(m)],
+        "combined": expand("results/detection/{model}/verdict.json", model=MODEL_IDS),
+        "population": expand("results/detection/population/method~{method}.json", method=METHODS),
         "cards": expand("results/models/{model}/card.json", model=MODEL_IDS),
     }
 
@@ -128,11 +280,15 @@ def get_final_output():
     the detection table, and a removal summary per model removal may run on."""
     return [
         *expand("results/gallery/{model}.png", model=MODEL_IDS),
-        *expand("results/detection/{model}/method~bbti/verdict.json", model=MODEL_IDS),
+        *expand("results/detection/{model}/verdict.json", model=MODEL_IDS),
         "results/tables/detection.csv",
         "results/tables/detection.md",
+        "results/tables/detection_roc.csv",
+        *expand("results/figures/roc.{ext}", ext=["png", "pdf"]),
         *removal_summaries(),
         *evaluation_outputs(),  # evaluation.smk: records, tables, figures
+        *adaptive_outputs(),  # adaptive.smk: Fig. 14 and Table 8 (adaptive rows only)
+        *removal_ablation_outputs(),  # removal_ablation.smk: the generalised Fig. 6
     ]
 
 
@@ -146,8 +302,55 @@ def memory(base_mb):
 
 
 # ---- stage 2 (removal.smk): clean data, importance, pruning, fine-tuning ----
+# Paths: results/removal/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/...; the
+# trigger source is `detected` (stage 1's chosen trigger), `true` (the card's real trigger: the
+# oracle of the ablation) or an inversion method's name (its first seed). Values that vary by
+# model (a mapping by image size, model_type/dataset, model_type, dataset, group or default;
+# diffcleanse.permodel) are resolved here, per model.
+
+from diffcleanse import permodel
+from diffcleanse.removal import methods as removal_methods
 
 REMOVAL = config["removal"]
+for _where in (REMOVAL, REMOVAL["ablation"]):  # YAML reads an unquoted `true` as a boolean
+    _where["triggers"] = ["true" if t is True else str(t) for t in _where["triggers"]]
+PRUNING_STRATEGIES = [s for s in REMOVAL["strategies"] if removal_methods.get(s).prunes]
+REMOVAL_LOSSES = ["p", "c", *[m for m in removal_methods.METHODS if m not in removal_methods.PRUNING_METHODS]]
+
+
+def _check_removal():
+    """Strategies against the registry, trigger sources against what can produce them, and every
+    per-model value against the zoo, before anything runs."""
+    problems = []
+    for s in REMOVAL["strategies"]:
+        try:
+            removal_methods.get(s)
+        except ValueError as err:
+            problems.append(str(err))
+        if removal_methods.METHODS.get(s) is not None and removal_methods.get(s).prunes:
+            if s not in REMOVAL["ratios"]:
+                problems.append(f"removal.ratios has no ratios for strategy {s}")
+    for src in trigger_sources():
+        if src not in ("detected", "true") and src not in INVERSION["methods"]:
+            problems.append(
+                f"removal trigger source {src!r} is neither detected, true nor one of "
+                f"inversion.methods ({', '.join(INVERSION['methods'])})"
+            )
+    for m in MODEL_IDS:
+        try:
+            for s in PRUNING_STRATEGIES:
+                strategy_ratios(m, s)
+            finetune_settings(m)
+        except KeyError as err:
+            problems.append(str(err).strip("'\""))
+    if problems:
+        raise WorkflowError("config removal: " + "; ".join(problems))
+
+
+def trigger_sources():
+    """Trigger sources of the removal chain and of the ablation (without `none`)."""
+    abl = REMOVAL["ablation"]["triggers"] if REMOVAL["ablation"]["models"] != [] else []
+    return list(dict.fromkeys([*REMOVAL["triggers"], *abl]))
 
 
 def ratio_label(ratio):
@@ -155,23 +358,51 @@ def ratio_label(ratio):
     return f"{float(ratio):g}"
 
 
-def removal_targets(model):
-    """The fine-tuning records of one model: every strategy, its ratios, every loss."""
+def strategy_ratios(model, strategy):
+    """The ratios of a strategy for one model (removal.ratios.<strategy>, a list or a per-model
+    mapping of lists); a method that prunes nothing has the one ratio 0."""
+    if not removal_methods.get(strategy).prunes:
+        return [0.0]
+    value = permodel.resolve(REMOVAL["ratios"][strategy], row(model), f"removal.ratios.{strategy}")
+    return [float(r) for r in value]
+
+
+def strategy_losses(strategy):
+    """The fine-tuning losses of a strategy's runs: removal.finetune.losses, or the method's own."""
+    return list(REMOVAL["finetune"]["losses"]) if removal_methods.get(strategy).prunes else [strategy]
+
+
+def removal_runs(model):
+    """(trigger, strategy, ratio label, loss) of every fine-tuned (repaired) model of a model."""
     return [
-        f"results/removal/{model}/strategy~{s}/ratio~{ratio_label(r)}/loss~{loss}/finetune.json"
+        (src, s, ratio_label(r), loss)
+        for src in REMOVAL["triggers"]
         for s in REMOVAL["strategies"]
-        for r in REMOVAL["ratios"][s]
-        for loss in REMOVAL["finetune"]["losses"]
+        for r in strategy_ratios(model, s)
+        for loss in strategy_losses(s)
+    ]
+
+
+def removal_dir(model, trigger, strategy=None, ratio=None):
+    """Where one model's removal outputs for a trigger source (and strategy, ratio) live."""
+    base = f"results/removal/{model}/trigger~{trigger}"
+    if strategy is None:
+        return base
+    return f"{base}/strategy~{strategy}/ratio~{ratio}"
+
+
+def removal_targets(model):
+    """The fine-tuning records of one model: every trigger, strategy, its ratios, every loss."""
+    return [
+        f"{removal_dir(model, src, s, r)}/loss~{loss}/finetune.json"
+        for src, s, r, loss in removal_runs(model)
     ]
 
 
 def flagged(model):
     """Stage 1's verdict for a model (an input function's helper: waits for the checkpoint)."""
-    wc = {"model": model}
-    if "method" in checkpoints.detect.rule.wildcard_names:
-        wc["method"] = "bbti"
-    checkpoints.detect.get(**wc)
-    with open(f"results/detection/{model}/method~bbti/verdict.json") as fh:
+    checkpoints.detect.get(model=model)
+    with open(f"results/detection/{model}/verdict.json") as fh:
         return bool(json.load(fh)["backdoored"])
 
 
@@ -194,8 +425,17 @@ def get_removal_inputs(wildcards):
         return {"finetuned": removal_targets(model)}
     if getattr(checkpoints, "detect", None) is None:
         raise WorkflowError("removal.run_on: flagged needs the detection checkpoint `detect`")
-    verdict = f"results/detection/{model}/method~bbti/verdict.json"
+    verdict = f"results/detection/{model}/verdict.json"
     return {"verdict": verdict, "finetuned": removal_targets(model) if flagged(model) else []}
+
+
+def trigger_file(model, trigger):
+    """The trigger file of a source: stage 1's chosen trigger, the card's real one, or a method's."""
+    if trigger == "detected":
+        return f"results/detection/{model}/trigger.safetensors"
+    if trigger == "true":
+        return f"results/removal/{model}/trigger~true/trigger.safetensors"
+    return f"{inversion_dir(model, trigger, FIRST_SEED)}/trigger.safetensors"
 
 
 def get_clean_data(wildcards):
@@ -205,35 +445,64 @@ def get_clean_data(wildcards):
 
 def get_clean_data_params(wildcards):
     """How many clean images (Appendix D counts per dataset, times synthetic_scale) and how."""
-    dataset = str(MANIFEST.loc[wildcards.model, "dataset"])
-    counts = REMOVAL["synthetic_samples"]
-    n = max(1, round(counts.get(dataset, counts["default"]) * REMOVAL["synthetic_scale"]))
+    r = row(wildcards.model)
+    base = permodel.resolve(REMOVAL["synthetic_samples"], r, "removal.synthetic_samples")
     sampler = REMOVAL["synthetic_sampler"]
     return canonical(
         {
-            "n": n,
-            "dataset": dataset,
+            "n": max(1, round(base * REMOVAL["synthetic_scale"])),
+            "dataset": r["dataset"],
             "data_root": config["data"]["root"],
-            "sampler": str(MANIFEST.loc[wildcards.model, "sampler"])
-            if sampler["name"] == "manifest"
-            else sampler["name"],
+            "sampler": r["sampler"] if sampler["name"] == "manifest" else sampler["name"],
             "steps": sampler["steps"],
             "batch_size": sampler["batch_size"],
         }
     )
 
 
-def get_importance_params(wildcards):
-    """Every hyperparameter of the Taylor importance (Eqs. 8-9)."""
-    return canonical(
-        {
-            "t_threshold_frac": REMOVAL["t_threshold_frac"],
-            "batch_size": REMOVAL["importance_batch"],
-            "rho_start": REMOVAL["rho_start"],
-            "rho_end": REMOVAL["rho_end"],
-            "diffpruning_thr": REMOVAL["diffpruning_threshold"],
-        }
+def score_spec():
+    """How the pruning methods read the importance (removal.importance)."""
+    imp_cfg = REMOVAL["importance"]
+    return removal_methods.ScoreSpec(
+        normaliser=imp_cfg["normaliser"],
+        clean_timesteps=imp_cfg["clean_timesteps"],
+        backdoor_timesteps=imp_cfg["backdoor_timesteps"],
+        seed=int(config["seed"]),
     )
+
+
+def importance_kinds():
+    """The importance kinds the configured pruning strategies read."""
+    spec = score_spec()
+    return sorted({k for s in PRUNING_STRATEGIES for k in removal_methods.get(s).kinds(spec)})
+
+
+def get_importance_inputs(wildcards):
+    """Model, clean data and, when a configured strategy reads the backdoor score, the trigger."""
+    out = {**get_clean_data(wildcards), "model": f"results/models/{wildcards.model}/model"}
+    if any(k.startswith("backdoor") for k in importance_kinds()):
+        out["trigger"] = trigger_file(wildcards.model, wildcards.trigger)
+    return out
+
+
+def importance_config():
+    """Every hyperparameter of the Taylor importance (Eqs. 8-9)."""
+    return {
+        "t_threshold_frac": REMOVAL["t_threshold_frac"],
+        "batch_size": REMOVAL["importance_batch"],
+        "rho_start": REMOVAL["rho_start"],
+        "rho_end": REMOVAL["rho_end"],
+        "diffpruning_thr": REMOVAL["diffpruning_threshold"],
+    }
+
+
+def get_importance_params(wildcards):
+    """The importance hyperparameters (the kinds are a separate param)."""
+    return canonical(importance_config())
+
+
+def get_importance_kinds(wildcards):
+    return importance_kinds()
 
 
 def get_strategy(wildcards):
@@ -244,10 +513,33 @@ def get_ratio(wildcards):
     return float(wildcards.ratio)
 
 
+def get_score_spec(wildcards):
+    """The normaliser and timestep sets of the pruning (removal.importance) and the seed."""
+    return canonical(score_spec().describe())
+
+
+def finetune_settings(model):
+    """removal.finetune with its per-model values resolved (batch size by image size, ...)."""
+    ft = {k: v for k, v in REMOVAL["finetune"].items() if k not in ("losses", "threads")}
+    return permodel.resolve_tree(ft, row(model), set(ft), "")
+
+
 def get_finetune_params(wildcards):
     """Every fine-tuning hyperparameter, with the loss from the path (p or c)."""
-    ft = {k: v for k, v in REMOVAL["finetune"].items() if k not in ("losses", "threads")}
-    return canonical({**ft, "loss": wildcards.loss})
+    return canonical({**finetune_settings(wildcards.model), "loss": wildcards.loss})
+
+
+def get_elijah_params(wildcards):
+    """Elijah's removal settings (removal.elijah), resolved per model."""
+    el = {k: v for k, v in REMOVAL["elijah"].items() if k != "threads"}
+    return canonical(permodel.resolve_tree(el, row(wildcards.model), set(el), ""))
+
+
+def get_removal_trigger_inputs(wildcards):
+    return {"trigger": trigger_file(wildcards.model, wildcards.trigger)}
+
+
+_check_removal()
 
 
 # ---- evaluation (evaluation.smk): model states, tables, figures, ablations ----
@@ -255,14 +547,15 @@ def get_finetune_params(wildcards):
 EVAL = config["evaluation"]
 
 
-def eval_paths(model, strategy=None, ratio=None, loss=None):
+def eval_paths(model, trigger=None, strategy=None, ratio=None, loss=None):
     """The metrics record of one model state (original, pruned, or fine-tuned)."""
     base = f"results/evaluation/{model}"
     if strategy is None:
         return f"{base}/state~original/metrics.json"
+    base = f"{base}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}"
     if loss is None:
-        return f"{base}/strategy~{strategy}/ratio~{ratio}/state~pruned/metrics.json"
-    return f"{base}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned/metrics.json"
+        return f"{base}/state~pruned/metrics.json"
+    return f"{base}/loss~{loss}/state~finetuned/metrics.json"
 
 
 def removal_ran(model):
@@ -276,12 +569,14 @@ def removal_ran(model):
 
 
 def removal_states(model):
-    """(strategy, ratio label, loss or None) of every removed state of a model."""
+    """(trigger, strategy, ratio label, loss or None) of every removed state of a model: the
+    pruned model (methods that prune) and every fine-tuned one."""
     out = []
-    for s in REMOVAL["strategies"]:
-        for r in REMOVAL["ratios"][s]:
-            out.append((s, ratio_label(r), None))
-            out += [(s, ratio_label(r), loss) for loss in REMOVAL["finetune"]["losses"]]
+    for src, s, r, loss in removal_runs(model):
+        pruned = (src, s, r, None)
+        if removal_methods.get(s).prunes and pruned not in out:
+            out.append(pruned)
+        out.append((src, s, r, loss))
     return out
 
 
@@ -296,24 +591,30 @@ def evaluation_records(models=None):
 
 
 def verdict_paths():
-    return expand("results/detection/{model}/method~bbti/verdict.json", model=MODEL_IDS)
+    """Every model's per-method verdicts at the first seed, and its combined verdict."""
+    return [
+        *[v for m in MODEL_IDS for v in method_verdicts(m, seeds=[FIRST_SEED])],
+        *expand("results/detection/{model}/verdict.json", model=MODEL_IDS),
+    ]
 
 
 def class_classifier_path(model):
     """The classifier for a class target's ASR: evaluation.asr.class_classifier, the model's
-    dataset classifier (class:k, TrojDiff Din) or an MNIST one at the model's size (mnist:k)."""
+    dataset classifier (class:k, TrojDiff Din) or one of the out-of-domain dataset at the model's
+    size (<dataset>:k, Dout: mnist, letters)."""
     target = str(MANIFEST.loc[model, "target"])
-    if EVAL["asr"]["class_classifier"] or not target.startswith(("class:", "mnist:")):
+    if EVAL["asr"]["class_classifier"] or not is_class_target(target):
         return None
-    if target.startswith("class:"):
+    kind = target.partition(":")[0]
+    if kind == "class":
         return f"results/classifiers/{classifier_key(model)}"
-    return f"results/evaluation/classifiers/mnist_{int(MANIFEST.loc[model, 'image_size'])}"
+    return f"results/evaluation/classifiers/{kind}_{int(MANIFEST.loc[model, 'image_size'])}"
 
 
 def _eval_common_inputs(model):
     out = {
         "card": f"results/models/{model}/card.json",
-        "trigger": f"results/inversion/{model}/method~bbti/trigger.safetensors",
+        "trigger": f"results/detection/{model}/trigger.safetensors",
     }
     if EVAL["fid"]["feature_extractor"] == "classifier":
         out["fid_classifier"] = f"results/classifiers/{classifier_key(model)}"
@@ -324,15 +625,24 @@ def _eval_common_inputs(model):
 
 
 def get_eval_original_inputs(wildcards):
+    """The original state is evaluated with every method's first-seed trigger too (Table 1's
+    ASR per method, PureDiffusion's Table I)."""
     m = wildcards.model
-    return {**_eval_common_inputs(m), "model": f"results/models/{m}/model"}
+    return {
+        **_eval_common_inputs(m),
+        "model": f"results/models/{m}/model",
+        "method_triggers": [
+            f"{inversion_dir(m, meth, FIRST_SEED)}/trigger.safetensors"
+            for meth in model_methods(m)
+        ],
+    }
 
 
 def get_eval_pruned_inputs(wildcards):
     w = wildcards
     return {
         **_eval_common_inputs(w.model),
-        "model": f"results/removal/{w.model}/strategy~{w.strategy}/ratio~{w.ratio}/pruned",
+        "model": f"{removal_dir(w.model, w.trigger, w.strategy, w.ratio)}/pruned",
     }
 
 
@@ -340,10 +650,7 @@ def get_eval_finetuned_inputs(wildcards):
     w = wildcards
     return {
         **_eval_common_inputs(w.model),
-        "model": (
-            f"results/removal/{w.model}/strategy~{w.strategy}/"
-            f"ratio~{w.ratio}/loss~{w.loss}/finetuned"
-        ),
+        "model": f"{removal_dir(w.model, w.trigger, w.strategy, w.ratio)}/loss~{w.loss}/finetuned",
     }
 
 
@@ -361,11 +668,17 @@ def get_eval_params(wildcards):
 
 def get_variant(wildcards):
     """The removal setting of a state, from its path."""
-    return {k: wildcards.get(k) for k in ("strategy", "ratio", "loss") if wildcards.get(k)}
+    keys = ("trigger", "strategy", "ratio", "loss")
+    return {k: wildcards.get(k) for k in keys if wildcards.get(k)}
 
 
 def get_threshold(wildcards):
     return float(wildcards.t)
+
+
+def get_threshold_ratio(wildcards):
+    """Fig. 6 prunes at the model's first Diff-Cleanse ratio."""
+    return strategy_ratios(wildcards.model, "diffcleanse")[0]
 
 
 def get_target_classifier_params(wildcards):
@@ -392,14 +705,19 @@ def benchmark_entries():
 
     for m in MODEL_IDS:
         add("train_model", model=m)
-        add("invert_trigger", model=m)
+        for meth in model_methods(m):
+            for seed in SEEDS:
+                add("invert_trigger", model=m, method=meth, seed=seed)
         if removal_ran(m):
-            add("importance", model=m)
-            for s, r, loss in removal_states(m):
+            for src in REMOVAL["triggers"]:
+                add("importance", model=m, trigger=src)
+            for src, s, r, loss in removal_states(m):
                 if loss is None:
-                    add("prune", model=m, strategy=s, ratio=r)
+                    add("prune", model=m, trigger=src, strategy=s, ratio=r)
+                elif removal_methods.get(s).prunes:
+                    add("finetune", model=m, trigger=src, strategy=s, ratio=r, loss=loss)
                 else:
-                    add("finetune", model=m, strategy=s, ratio=r, loss=loss)
+                    add(f"{s}_removal", model=m, trigger=src)
     return out
 
 
@@ -449,15 +767,16 @@ def entropy_sets_param():
 
 
 def after_state(model):
-    """The state the before/after figure shows: evaluation.figures.after (first ratio)."""
+    """The state the before/after figure shows: evaluation.figures.after (first trigger source,
+    first ratio)."""
     want = EVAL["figures"]["after"]
     strategies = REMOVAL["strategies"]
     s = want["strategy"] if want["strategy"] in strategies else strategies[0]
-    losses = REMOVAL["finetune"]["losses"]
+    losses = strategy_losses(s)
     loss = None
-    if want["state"] == "finetuned" and losses:
+    if want["state"] == "finetuned" or not removal_methods.get(s).prunes:
         loss = want["loss"] if want["loss"] in losses else losses[0]
-    return s, ratio_label(REMOVAL["ratios"][s][0]), loss
+    return REMOVAL["triggers"][0], s, ratio_label(strategy_ratios(model, s)[0]), loss
 
 
 def _state_dir(record_path):
@@ -469,7 +788,7 @@ def get_before_after_inputs(wildcards):
     before = _state_dir(eval_paths(m))
     out = {"before": f"{before}/metrics.json", "before_samples": f"{before}/samples.safetensors"}
     if REMOVAL["run_on"] == "flagged":
-        out["verdict"] = f"results/detection/{m}/method~bbti/verdict.json"
+        out["verdict"] = f"results/detection/{m}/verdict.json"
     if removal_ran(m):
         after = _state_dir(eval_paths(m, *after_state(m)))
         out |= {"after": f"{after}/metrics.json", "after_samples": f"{after}/samples.safetensors"}
@@ -483,7 +802,7 @@ def evaluation_outputs():
         *[eval_paths(m) for m in MODEL_IDS],
         *expand(
             "results/tables/{t}.{ext}",
-            t=["table1", "table2", "table4", "table7"],
+            t=["table1", "tableI", "table2", "table4", "table7"],
             ext=["csv", "md"],
         ),
         "results/tables/evaluation.csv",

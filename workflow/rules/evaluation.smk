@@ -16,6 +16,7 @@ rule evaluate_original:
     params:
         evaluation=get_eval_params,
         state="original",
+        methods=get_model_methods,
         variant=get_variant,
         seed=config["seed"],
         device=config["device"],
@@ -39,8 +40,8 @@ rule evaluate_pruned:
     input:
         unpack(get_eval_pruned_inputs),
     output:
-        metrics="results/evaluation/{model}/strategy~{strategy}/ratio~{ratio}/state~pruned/metrics.json",
-        samples="results/evaluation/{model}/strategy~{strategy}/ratio~{ratio}/state~pruned/samples.safetensors",
+        metrics="results/evaluation/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/state~pruned/metrics.json",
+        samples="results/evaluation/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/state~pruned/samples.safetensors",
     params:
         evaluation=get_eval_params,
         state="pruned",
@@ -49,9 +50,9 @@ rule evaluate_pruned:
         device=config["device"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
-        "results/logs/evaluate/{model}/strategy~{strategy}/ratio~{ratio}/state~pruned.log",
+        "results/logs/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/state~pruned.log",
     benchmark:
-        "results/benchmarks/evaluate/{model}/strategy~{strategy}/ratio~{ratio}/state~pruned.tsv"
+        "results/benchmarks/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/state~pruned.tsv"
     threads: EVAL["threads"]
     resources:
         mem_mb=memory(4000),
@@ -67,8 +68,8 @@ rule evaluate_finetuned:
     input:
         unpack(get_eval_finetuned_inputs),
     output:
-        metrics="results/evaluation/{model}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned/metrics.json",
-        samples="results/evaluation/{model}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned/samples.safetensors",
+        metrics="results/evaluation/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned/metrics.json",
+        samples="results/evaluation/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned/samples.safetensors",
     params:
         evaluation=get_eval_params,
         state="finetuned",
@@ -77,9 +78,9 @@ rule evaluate_finetuned:
         device=config["device"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
-        "results/logs/evaluate/{model}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned.log",
+        "results/logs/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned.log",
     benchmark:
-        "results/benchmarks/evaluate/{model}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned.tsv"
+        "results/benchmarks/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned.tsv"
     threads: EVAL["threads"]
     resources:
         mem_mb=memory(4000),
@@ -105,7 +106,7 @@ rule train_target_classifier:
     benchmark:
         "results/benchmarks/train_target_classifier/{dataset}_{size}.tsv"
     wildcard_constraints:
-        dataset="mnist",
+        dataset="mnist|letters",
         size=r"\d+",
     threads: config["classifier"]["threads"]
     resources:
@@ -143,6 +144,13 @@ rule tables:
             category="Tables",
             labels={"table": "Table 2: removal"},
         ),
+        tableI_csv="results/tables/tableI.csv",
+        tableI_md=report(
+            "results/tables/tableI.md",
+            caption="../report/tableI.rst",
+            category="Tables",
+            labels={"table": "PureDiffusion Table I: trigger quality"},
+        ),
         table4_csv="results/tables/table4.csv",
         table4_md=report(
             "results/tables/table4.md",
@@ -163,6 +171,7 @@ rule tables:
         losses=REMOVAL["finetune"]["losses"],
         finetune_loss=EVAL["figures"]["after"]["loss"],
         device=config["device"],
+        methods=METHODS,
     log:
         "results/logs/tables.log",
     benchmark:
@@ -192,6 +201,7 @@ rule table3:
         losses=REMOVAL["finetune"]["losses"],
         finetune_loss=EVAL["figures"]["after"]["loss"],
         device=config["device"],
+        methods=METHODS,
     log:
         "results/logs/table3.log",
     benchmark:
@@ -218,7 +228,7 @@ rule ablate_entropy_loss:
         grid="results/ablation/entropy_loss~off/{model}/grid.safetensors",
         record="results/ablation/entropy_loss~off/{model}/record.json",
     params:
-        inversion=get_inversion_params,
+        inversion=get_bbti_params,
         detection=get_detection_params,
         evaluation=get_eval_params,
         seed=config["seed"],
@@ -252,7 +262,9 @@ rule ablate_threshold:
         evaluation=get_eval_params,
         importance=get_importance_params,
         t=get_threshold,
-        ratio=float(REMOVAL["ratios"]["diffcleanse"][0]),
+        ratio=get_threshold_ratio,
+        scores=get_score_spec,
+        allow_pickle=config["models"]["allow_pickle"],
         groupnorm=REMOVAL["groupnorm"],
         seed=config["seed"],
         device=config["device"],
@@ -289,9 +301,9 @@ rule figure_entropy:
         data_root=config["data"]["root"],
         n_images=EVAL["figures"]["entropy_images"],
         n_random=EVAL["figures"]["entropy_random"],
-        bins=config["inversion"]["entropy_bins"],
-        kappa_minus=config["inversion"]["kappa_minus"],
-        kappa_plus=config["inversion"]["kappa_plus"],
+        bins=config["detection"]["entropy_bins"],
+        kappa_minus=config["detection"]["kappa_minus"],
+        kappa_plus=config["detection"]["kappa_plus"],
         seed=config["seed"],
     log:
         "results/logs/figure_entropy.log",

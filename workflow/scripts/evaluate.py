@@ -18,6 +18,8 @@ rec = evaluation.evaluate_model(
     classifier_dir=inp.get("fid_classifier"),
     class_classifier_dir=inp.get("class_classifier"),
     inverted_trigger=inp.trigger,
+    method_triggers=dict(zip(params.methods, inp.method_triggers, strict=True))
+    if "method_triggers" in inp else None,
     data_root=params.evaluation["data_root"],
     download=params.evaluation["download"],
     base_seed=params.seed,

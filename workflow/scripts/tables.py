@@ -17,5 +17,6 @@ out = tables.build_tables(
     losses=params.losses,
     finetune_loss=params.finetune_loss,
     device=params.device,
+    methods=params.methods,
 )
 log.info("wrote %s from %d evaluation records", ", ".join(sorted(out)), len(out["evaluation"]))
