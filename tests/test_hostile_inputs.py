@@ -522,7 +522,7 @@ def test_local_paths_outside_the_data_root_are_refused_when_confined(tmp_path, m
         {"model_id": "abs", "source": "train", "dataset": "folder:/etc", "trigger": "box_14",
          "target": "file:/etc/hostname"},
         {"model_id": "link", "source": "local:data/escape", "dataset": "digits",
-         "trigger": "tensor:/etc/t.safetensors#trigger", "target": "hat"},
+         "trigger": "tensor:trigger:/etc/t.safetensors", "target": "hat"},
     ]
     safety.check_manifest_paths(rows, "data", confine=False)  # the default: nothing checked
     safety.check_manifest_paths(rows[:1], "data", confine=True)
