@@ -141,3 +141,17 @@ def test_run_population_reads_each_methods_statistics_and_refuses_missing_ones()
     assert out["models"]["b0"]["share_flagged"] == 1.0
     with pytest.raises(PopulationError, match="no statistic uniformity"):
         population.run_population(recs, labels, DetectorSpec("threshold", ("uniformity",)))
+
+
+def test_a_zoo_too_small_for_a_detector_is_refused_naming_what_it_needs():
+    """Leave-one-model-out needs one model of the judged class more than the detector itself."""
+    forest = population.DetectorSpec("random_forest", ("a", "b"))
+    threshold = population.DetectorSpec("threshold", ("a",))
+    assert forest.needs() == (3, 3) and threshold.needs() == (2, 0)
+    assert population.DetectorSpec().needs() == (0, 0)  # a fixed threshold needs no zoo
+    forest.check_zoo(3, 3)
+    threshold.check_zoo(2, 0)
+    with pytest.raises(population.PopulationError, match="at least 3 clean and 3 backdoored"):
+        forest.check_zoo(2, 5, method="elijah")
+    with pytest.raises(population.PopulationError, match="at least 2 clean models.*has 1 clean"):
+        threshold.check_zoo(1, 4)

@@ -219,6 +219,20 @@ def test_default_run_inverts_every_model_with_every_method(tmp_path):
     assert counts["detection_table"] == 1
 
 
+def test_a_zoo_too_small_for_a_methods_detector_stops_before_any_job(tmp_path):
+    """The smoke zoo has one clean model: Elijah's forest and TERD's calibrated threshold cannot
+    judge it, and the workflow says so when the DAG is built, not after hours of inversion."""
+    wd = workdir_copy(tmp_path)
+    proc = run_snakemake(wd, "-n", "--configfile", "config/smoke.yaml", "--config",
+                         'inversion={"methods": ["bbti", "elijah", "terd"]}', check=False,
+                         timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "inversion method elijah" in out and "at least 3 clean and 3 backdoored" in out
+    assert "inversion method terd" in out and "leave the method out of inversion.methods" in out
+    assert not (wd / "results").exists()
+
+
 def test_bad_manifest_stops_before_any_job(tmp_path):
     wd = workdir_copy(tmp_path)
     bad = (wd / "config/zoo-smoke.tsv").read_text().replace("baddiffusion", "badnets")

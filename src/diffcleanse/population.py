@@ -56,6 +56,29 @@ class DetectorSpec:
         if self.kind != "random_forest" and len(self.features) != 1:
             raise ValueError(f"a {self.kind} detector reads one statistic, got {self.features}")
 
+    def needs(self) -> tuple[int, int]:
+        """(clean, backdoored) models the zoo must hold for leave-one-model-out judging of every
+        model: the judged model's own class counts one more than the detector needs."""
+        if self.kind == "random_forest":
+            return self.min_per_class + 1, self.min_per_class + 1
+        if self.kind == "threshold":
+            return self.min_clean + 1, 0
+        return 0, 0
+
+    def check_zoo(self, n_clean: int, n_backdoored: int, *, method: str = "") -> None:
+        """Raise :class:`PopulationError` (naming what to add) when a zoo of ``n_clean`` clean and
+        ``n_backdoored`` backdoored models is too small for this detector."""
+        need_c, need_b = self.needs()
+        if n_clean >= need_c and n_backdoored >= need_b:
+            return
+        what = (f"{need_c} clean and {need_b} backdoored models" if need_b
+                else f"{need_c} clean models")
+        raise PopulationError(
+            f"{method + ': ' if method else ''}its {self.kind} detector judges each model with "
+            f"one fitted on the others, so it needs at least {what}; the zoo has {n_clean} clean "
+            f"and {n_backdoored} backdoored: add models to the manifest, or leave the method out "
+            f"of inversion.methods")
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description."""
         return {"kind": self.kind, "features": list(self.features),

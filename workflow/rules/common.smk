@@ -12,6 +12,7 @@ from diffcleanse.attacks import is_class_target
 from diffcleanse.inversion import get_method
 from diffcleanse import permodel
 from diffcleanse.manifest import load_manifest, schema_path
+from diffcleanse.population import PopulationError
 from diffcleanse.safety import InputRefused, check_manifest_paths
 
 validate(config, schema=str(schema_path("config.schema.yaml")))  # the package ships it
@@ -158,6 +159,18 @@ def _check_methods():
             else:
                 skipped.append(f"{m} on {model} ({mt}; {m} supports "
                                f"{', '.join(method.model_types)})")
+    for m in METHODS:  # each method's population detector must be able to judge every model
+        method = get_method(m)
+        try:
+            detector = method.detector_for(method.make_spec(INVERSION.get(m) or {}))
+        except (TypeError, ValueError):
+            continue  # reported above
+        models = [model for model in MODEL_IDS if (model, m) in pairs]
+        n_clean = sum(str(MANIFEST.loc[model, "attack"]) == "none" for model in models)
+        try:
+            detector.check_zoo(n_clean, len(models) - n_clean, method=f"inversion method {m}")
+        except PopulationError as err:
+            problems.append(str(err))
     if problems:
         raise WorkflowError("config inversion: " + "; ".join(problems))
     if skipped:
