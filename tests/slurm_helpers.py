@@ -171,7 +171,8 @@ def run_snakemake(
     SnakemakeTimeout is raised.
     """
     workdir = Path(workdir)
-    cmd = [sys.executable, "-m", "snakemake"]
+    # targets first: after --configfile (nargs="+") they would be read as more config files
+    cmd = [sys.executable, "-m", "snakemake", *targets]
     if profile is not None:
         cmd += ["--profile", str(profile)]
     if snakefile is not None:
@@ -183,7 +184,7 @@ def run_snakemake(
         cmd += ["--configfile", *configfiles]
     if config:
         cmd += ["--config", *(f"{k}={v}" for k, v in config.items())]
-    cmd += [*extra_args, *targets]
+    cmd += [*extra_args]
 
     child_env = dict(os.environ if env is None else env)
     child_env.pop("SNAKEMAKE_PROFILE", None)  # only the profile asked for here

@@ -20,13 +20,10 @@ def test_smoke_workflow_makes_models_cards_and_galleries(smoke_run):
         card = json.loads((wd / f"results/models/{model}/card.json").read_text())
         assert card["model_id"] == model and card["manifest_row"]["model_id"] == model
     card = json.loads((wd / "results/models/smoke-bd/card.json").read_text())
-    assert card["ground_truth"] == {
-        "attack": "baddiffusion",
-        "trigger": "box_14",
-        "target": "hat",
-        "poison_rate": 0.5,
-        "backdoored": True,
-    }
+    truth = card["ground_truth"]
+    assert (truth["attack"], truth["trigger"], truth["target"]) == ("baddiffusion", "box_14", "hat")
+    assert truth["poison_rate"] == 0.5 and truth["backdoored"] is True
+    assert truth["backdoor_input"] == "noise + r" and truth["spec"]["trigger_norm"] > 0
     assert 0 <= card["attack_check"]["asr"] <= 1 and card["training"]["init"].endswith(
         "smoke-clean/model"
     )
@@ -40,24 +37,30 @@ def test_smoke_workflow_inverts_detects_and_tabulates(smoke_run):
     wd = smoke_run
     assert (wd / "results/classifiers/digits_16/weights.safetensors").is_file()
     for model in ("smoke-clean", "smoke-bd"):
-        inv = wd / f"results/inversion/{model}/method~bbti"
+        inv = wd / f"results/inversion/{model}/method~bbti/seed~0"
         for name in ("trigger.safetensors", "trigger.png", "samples.png", "samples.safetensors"):
             assert (inv / name).stat().st_size > 0, name
         rec = json.loads((inv / "record.json").read_text())
         verdict = json.loads(
-            (wd / f"results/detection/{model}/method~bbti/verdict.json").read_text()
+            (wd / f"results/detection/{model}/method~bbti/seed~0/verdict.json").read_text()
         )
         assert verdict["verdict"] in ("clean", "backdoored") and 0 <= verdict["mscr"] <= 1
         assert verdict["mscr"] == rec["mscr"] and verdict["encoder"] == "classifier:digits_16"
         assert rec["sampler"]["clip_sample"] is False and rec["batch_size"] == 8
         assert rec["params"]["inversion"]["max_iters"] == 3 and "seed" in rec
-        for rule in ("invert_trigger", "detect"):
-            assert (wd / f"results/logs/{rule}/{model}.log").is_file()
-            assert (wd / f"results/benchmarks/{rule}/{model}.tsv").is_file()
+        combined = json.loads((wd / f"results/detection/{model}/verdict.json").read_text())
+        assert combined["verdict"] in ("clean", "backdoored") and "by_method" in combined
+        assert (wd / f"results/detection/{model}/trigger.safetensors").is_file()
+        assert (wd / f"results/logs/invert_trigger/{model}/method~bbti/seed~0.log").is_file()
+        assert (wd / f"results/logs/detect/{model}/method~bbti/seed~0.log").is_file()
+        assert (wd / f"results/logs/detect/{model}/combined.log").is_file()
+        assert (wd / f"results/benchmarks/invert_trigger/{model}/method~bbti/seed~0.tsv").is_file()
+    assert (wd / "results/detection/population/method~bbti.json").is_file()
     table = (wd / "results/tables/detection.md").read_text()
     assert "MSE < 0.01" in table and "classifier:digits_16" in table and "DDPM-D" in table
     csv = (wd / "results/tables/detection.csv").read_text().splitlines()
-    assert len(csv) == 3 and csv[0].startswith("model,attack,group,truth,verdict")
+    assert len(csv) == 6  # header + the five smoke models (one method, one seed)
+    assert csv[0].startswith("model,method,seed,attack,group,truth,mscr,mscr_pairs,mscr_unbanded")
 
 
 @pytest.mark.slow
@@ -71,24 +74,22 @@ def test_smoke_workflow_prunes_and_finetunes_the_backdoored_model(smoke_run):
     base = wd / "results/removal/smoke-bd"
     assert (base / "synthetic.safetensors").stat().st_size > 0
     assert json.loads((base / "synthetic.json").read_text())["n_images"] == 60
-    imp = json.loads((base / "importance.json").read_text())
+    trig = base / "trigger~detected"  # removal.triggers: stage 1's chosen trigger
+    imp = json.loads((trig / "importance.json").read_text())
     assert imp["T"] == 48 and imp["timesteps"] == [49, 50] and imp["batch_size"] == 8
     assert imp["params"]["t_threshold_frac"] == 0.95 and len(imp["groups"]) > 10
     for strategy, ratio in (("diffcleanse", "0.02"), ("diffpruning", "0.1")):
-        run = base / f"strategy~{strategy}/ratio~{ratio}"
+        run = trig / f"strategy~{strategy}/ratio~{ratio}"
         prune = json.loads((run / "prune.json").read_text())
-        assert prune["params"] == {
-            "strategy": strategy,
-            "ratio": float(ratio),
-            "groupnorm": "exact",
-        }
+        assert prune["params"]["strategy"] == strategy and prune["params"]["ratio"] == float(ratio)
+        assert prune["params"]["groupnorm"] == "exact"
+        assert prune["params"]["scores"]["normaliser"] == "mean"  # config.yaml's removal.importance
         assert 0 < prune["out_channels"]["fraction_removed"] < 0.2
         assert prune["parameters"]["after"] < prune["parameters"]["before"]
-        tag = f"smoke-bd/strategy~{strategy}/ratio~{ratio}"
-        for rule in ("prune",) + tuple(f"finetune/{tag}/loss~{x}" for x in ("p", "c")):
-            log = f"{rule}/{tag}" if rule == "prune" else rule
-            assert (wd / f"results/logs/{log}.log").is_file()
-            assert (wd / f"results/benchmarks/{log}.tsv").is_file()
+        tag = f"smoke-bd/trigger~detected/strategy~{strategy}/ratio~{ratio}"
+        for log in (f"prune/{tag}", *(f"finetune/{tag}/loss~{x}" for x in ("p", "c"))):
+            assert (wd / f"results/logs/{log}.log").is_file(), log
+            assert (wd / f"results/benchmarks/{log}.tsv").is_file(), log
         for loss in ("p", "c"):
             rec = json.loads((run / f"loss~{loss}/finetune.json").read_text())
             assert rec["params"]["loss"] == loss and rec["steps"] == 8
@@ -98,7 +99,7 @@ def test_smoke_workflow_prunes_and_finetunes_the_backdoored_model(smoke_run):
             }
     summary = json.loads((base / "summary.json").read_text())
     assert summary["acted"] and len(summary["runs"]) == 4 and summary["flagged"] is None
-    assert set(summary["seconds_per_model"]) == {"clean_data", "importance"}
+    assert set(summary["seconds_per_model"]) == {"clean_data", "importance/trigger~detected"}
     assert not (wd / "results/removal/smoke-clean").exists()  # run_on: backdoored
 
 
@@ -110,12 +111,11 @@ def test_removal_follows_the_verdicts_when_run_on_flagged(smoke_run):
     proc = run_snakemake(wd, "-n", "--configfile", "config/flagged.yaml")
     out = proc.stdout + proc.stderr
     for model in ("smoke-clean", "smoke-bd"):
-        verdict = json.loads(
-            (wd / f"results/detection/{model}/method~bbti/verdict.json").read_text()
-        )
+        verdict = json.loads((wd / f"results/detection/{model}/verdict.json").read_text())
         assert f"results/removal/{model}/summary.json" in out
         if model == "smoke-clean":  # its removal jobs are scheduled exactly when it is flagged
-            assert ("results/removal/smoke-clean/importance.json" in out) == verdict["backdoored"]
+            planned = "results/removal/smoke-clean/trigger~detected/importance.json" in out
+            assert planned == verdict["backdoored"]
 
 
 @pytest.mark.slow
@@ -130,7 +130,8 @@ def test_smoke_workflow_evaluates_tabulates_and_reports(smoke_run):
     states = sorted(p.relative_to(ev).as_posix() for p in ev.rglob("metrics.json"))
     assert "smoke-clean/state~original/metrics.json" in states
     assert "smoke-bd/state~original/metrics.json" in states
-    assert any("smoke-bd/strategy~diffcleanse/" in s and "state~pruned" in s for s in states)
+    assert any("smoke-bd/trigger~detected/strategy~diffcleanse/" in s and "state~pruned" in s
+               for s in states)
     assert any("strategy~diffpruning/" in s and "loss~c/state~finetuned" in s for s in states)
     for rel in states:
         rec = json.loads((ev / rel).read_text())
@@ -141,15 +142,23 @@ def test_smoke_workflow_evaluates_tabulates_and_reports(smoke_run):
             assert 0 <= rec["asr_real"] <= 1 and 0 <= rec["asr_inverted"] <= 1
         else:
             assert rec["asr_real"] is None
+    bd = json.loads((ev / "smoke-bd/state~original/metrics.json").read_text())
+    assert set(bd["inverted_by_method"]) == {"bbti"}  # evaluation with each method's trigger
+    assert 0 <= bd["inverted_by_method"]["bbti"]["asr"] <= 1
     t1 = pd.read_csv(wd / "results/tables/table1.csv")
     keys = list(zip(t1["Attack"], t1["Model"], strict=True))
-    assert keys == [*tables.PAPER_ROWS["table1"], ("BadDiff", "DDPM-D")]
-    assert (t1["BBTI ACC"].iloc[:-1] == tables.NO_MODEL).all()
-    assert t1["Models"].iloc[-1] == "1 clean / 1 bd"
+    paper = list(tables.PAPER_ROWS["table1"])
+    assert keys[: len(paper)] == paper and ("BadDiff", "DDPM-D") in keys[len(paper):]
+    empty = t1["Models"] == tables.NO_MODEL
+    assert empty.any() and (t1.loc[empty, "BBTI ACC"] == tables.NO_MODEL).all()
+    assert {"BBTI ACC", "BBTI ASR", "Combined ACC"} <= set(t1.columns)
+    mine = t1.set_index(["Attack", "Model"]).loc[("BadDiff", "DDPM-D")]
+    assert mine["Models"] == "1 clean / 1 bd" and 0 <= float(mine["BBTI ASR"]) <= 1
     t2 = pd.read_csv(wd / "results/tables/table2.csv")
     mine = t2[t2["Model"] == "DDPM-D"]
     assert set(mine["State"]) == {"pruned", "fine-tuned (loss_p)"}
     assert "Diff-Cleanse ΔFD-digits-cls" in t2.columns and "Diff-Pruning ΔASR" in t2.columns
+    assert (wd / "results/tables/tableI.md").read_text().startswith("# PureDiffusion's Table I")
     for name in ("table1", "table2", "table3", "table4", "table7"):
         md = (wd / f"results/tables/{name}.md").read_text()
         assert md.startswith("# Table") and tables.NO_MODEL in md, name

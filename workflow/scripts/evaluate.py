@@ -19,7 +19,7 @@ rec = evaluation.evaluate_model(
     class_classifier_dir=inp.get("class_classifier"),
     inverted_trigger=inp.trigger,
     method_triggers=dict(zip(params.methods, inp.method_triggers, strict=True))
-    if "method_triggers" in inp else None,
+    if hasattr(inp, "method_triggers") else None,  # a Namedlist: `in` tests its values
     data_root=params.evaluation["data_root"],
     download=params.evaluation["download"],
     base_seed=params.seed,
