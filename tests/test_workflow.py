@@ -57,7 +57,7 @@ def test_smoke_workflow_inverts_detects_and_tabulates(smoke_run):
         assert (wd / f"results/benchmarks/invert_trigger/{model}/method~bbti/seed~0.tsv").is_file()
     assert (wd / "results/detection/population/method~bbti.json").is_file()
     table = (wd / "results/tables/detection.md").read_text()
-    assert "MSE < 0.01" in table and "classifier:digits_16" in table and "DDPM-D" in table
+    assert "MSE 0.01" in table and "classifier:digits_16" in table and "DDPM-D" in table
     csv = (wd / "results/tables/detection.csv").read_text().splitlines()
     assert len(csv) == 6  # header + the five smoke models (one method, one seed)
     assert csv[0].startswith("model,method,seed,attack,group,truth,mscr,mscr_pairs,mscr_unbanded")
@@ -138,10 +138,10 @@ def test_smoke_workflow_evaluates_tabulates_and_reports(smoke_run):
         assert rec["utility_metric"] == "FD-digits-cls" and rec["utility"] >= 0
         assert rec["protocol"]["fid_n_samples"] == 32 and rec["protocol"]["mse_threshold"] == 0.01
         assert (ev / rel).with_name("samples.safetensors").is_file()
-        if rec["model"] == "smoke-bd":
-            assert 0 <= rec["asr_real"] <= 1 and 0 <= rec["asr_inverted"] <= 1
-        else:
+        if rec["model"] == "smoke-clean":
             assert rec["asr_real"] is None
+        else:  # the four backdoored smoke models, one per attack
+            assert 0 <= rec["asr_real"] <= 1 and 0 <= rec["asr_inverted"] <= 1
     bd = json.loads((ev / "smoke-bd/state~original/metrics.json").read_text())
     assert set(bd["inverted_by_method"]) == {"bbti"}  # evaluation with each method's trigger
     assert 0 <= bd["inverted_by_method"]["bbti"]["asr"] <= 1
