@@ -374,11 +374,21 @@ def train_model(
                if row["model_type"] != "ddpm" else {}),
         },
     )
-    on_snapshot = _snapshotter(model, snapshot_dir) if snapshot_dir else None
+    # snapshots are kept beside the training checkpoints while training runs (a killed job's
+    # outputs are deleted by Snakemake, its checkpoints are not) and published at the end, so a
+    # resumed training still ends with every snapshot
+    stash = Path(checkpoint_dir) / "snapshots" if snapshot_dir else None
+    on_snapshot = _snapshotter(model, stash) if stash is not None else None
     ema, hist = training.train(
         model.unet, scheduler, space, cfg, attack=spec, checkpoint_dir=checkpoint_dir,
         device=device, snapshot_every=params.get("snapshot_every"), on_snapshot=on_snapshot,
     )
+    if snapshot_dir:
+        import shutil
+
+        stash.mkdir(parents=True, exist_ok=True)
+        with atomic_path(snapshot_dir) as tmp:
+            shutil.copytree(stash, tmp)
     model.unet = ema.cpu().eval()
     check = None
     if spec is not None:
