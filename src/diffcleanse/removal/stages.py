@@ -231,11 +231,8 @@ def run_finetune(pruned_dir: str | Path, reference_dir: str | Path, data_path: s
     ema, hist = ft.finetune(unet, scheduler, images, cfg, reference=reference, seed=seed,
                             checkpoint_dir=checkpoint_dir, device=device, progress=progress,
                             stop_after=stop_after, extra=extra)
-    if hist["stopped_at"] < hist["steps"]:
+    if _save_finished(ema, scheduler, hist, out_dir, "Pruned by diffcleanse and fine-tuned."):
         return {"stopped_at": hist["stopped_at"], "steps": hist["steps"]}
-    with atomic_path(out_dir) as tmp:
-        models.save_model(ema.cpu().eval(), scheduler, tmp)
-        pruned_io.write_bundle(tmp, "Pruned by diffcleanse and fine-tuned.", out_dir)
     tail = hist["losses"][-100:]
     record = make_record(
         "finetune", cfg.describe(), seed, time.time() - t0, pruned_dir=str(pruned_dir),
@@ -246,6 +243,18 @@ def run_finetune(pruned_dir: str | Path, reference_dir: str | Path, data_path: s
         params_count=sum(p.numel() for p in ema.parameters()))
     write_json(record_path, record)
     return record
+
+
+def _save_finished(ema: torch.nn.Module, scheduler: Any, hist: dict[str, Any],
+                   out_dir: str | Path, note: str) -> bool:
+    """Write a finished fine-tuning's model (with its loading bundle) atomically; True, writing
+    nothing, when the run stopped early (``stop_after``)."""
+    if hist["stopped_at"] < hist["steps"]:
+        return True
+    with atomic_path(out_dir) as tmp:
+        models.save_model(ema.cpu().eval(), scheduler, tmp)
+        pruned_io.write_bundle(tmp, note, out_dir)
+    return False
 
 
 def run_elijah(model_dir: str | Path, data_path: str | Path, trigger_path: str | Path,
@@ -264,12 +273,9 @@ def run_elijah(model_dir: str | Path, data_path: str | Path, trigger_path: str |
     ema, hist = elijah.repair(unet, scheduler, images, trigger, cfg, seed=seed,
                               checkpoint_dir=checkpoint_dir, device=device, progress=progress,
                               stop_after=stop_after, extra=extra)
-    if hist["stopped_at"] < hist["steps"]:
+    if _save_finished(ema, scheduler, hist, out_dir,
+                      "Repaired by Elijah's removal loss (diffcleanse)."):
         return {"stopped_at": hist["stopped_at"], "steps": hist["steps"]}
-    with atomic_path(out_dir) as tmp:
-        models.save_model(ema.cpu().eval(), scheduler, tmp)
-        pruned_io.write_bundle(tmp, "Repaired by Elijah's removal loss (diffcleanse).",
-                                out_dir)
     tail = {k: sum(v[-100:]) / max(1, len(v[-100:])) for k, v in hist["parts"].items()}
     record = make_record(
         "finetune", {**cfg.describe(), "loss": "elijah"}, seed, time.time() - t0,
