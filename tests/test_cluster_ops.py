@@ -7,24 +7,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from workflow_helpers import SNAKEMAKE, file_digest, planned_jobs, run_snakemake, workdir_copy
+from workflow_helpers import (
+    SNAKEMAKE,
+    changed_config,
+    file_digest,
+    planned_jobs,
+    run_snakemake,
+    workdir_copy,
+)
 
 pytestmark = pytest.mark.slow
 MODEL_FILE = "results/models/{}/model/unet/diffusion_pytorch_model.safetensors"
-
-
-def _changed_config(wd: Path, name: str, **changes) -> str:
-    """A copy of config/smoke.yaml with nested keys changed ("a.b": value)."""
-    cfg = yaml.safe_load((wd / "config/smoke.yaml").read_text())
-    for dotted, value in changes.items():
-        node = cfg
-        *path, last = dotted.split(".")
-        for key in path:
-            node = node.setdefault(key, {})
-        node[last] = value
-    (wd / f"config/{name}.yaml").write_text(yaml.safe_dump(cfg))
-    return f"config/{name}.yaml"
 
 
 def test_unchanged_rerun_plans_nothing(smoke_run):
@@ -32,7 +25,7 @@ def test_unchanged_rerun_plans_nothing(smoke_run):
 
 
 def test_changing_a_gallery_parameter_reruns_only_the_galleries(smoke_run):
-    cfg = _changed_config(smoke_run, "gallery-changed", **{"gallery.n_samples": 3})
+    cfg = changed_config(smoke_run, "gallery-changed", **{"gallery.n_samples": 3})
     jobs = planned_jobs(smoke_run, "--configfile", cfg)
     rules = {r for r, _ in jobs}
     assert ("gallery", "model=smoke-clean") in jobs and ("gallery", "model=smoke-bd") in jobs
@@ -51,7 +44,7 @@ def test_changing_one_models_row_reruns_that_model_and_its_descendants_only(smok
             f[col] = str(int(f[col]) + 10)
         out.append("\t".join(f))
     (smoke_run / "config/zoo-changed.tsv").write_text("\n".join(out) + "\n")
-    cfg = _changed_config(smoke_run, "row-changed", manifest="config/zoo-changed.tsv")
+    cfg = changed_config(smoke_run, "row-changed", manifest="config/zoo-changed.tsv")
     jobs = planned_jobs(smoke_run, "--configfile", cfg)
     assert ("train_model", "model=smoke-bd") in jobs
     assert not any("smoke-clean" in w for _, w in jobs), jobs  # the other model is untouched

@@ -11,7 +11,6 @@ cannot go untested.
 from __future__ import annotations
 
 import pytest
-import yaml
 from fault_helpers import (
     descendants,
     differences,
@@ -23,6 +22,7 @@ from fault_helpers import (
     remember_dag,
     result_files,
 )
+from workflow_helpers import changed_config
 
 pytestmark = pytest.mark.slow
 CONFIG = "config/smoke.yaml"
@@ -57,22 +57,11 @@ NO_OWN_PARAMS = {"all", "detect", "detect_population", "tables", "table3", "befo
                  "removal_ablation_samples"}
 
 
-def _changed_config(wd, name: str, dotted: str, value) -> str:
-    cfg = yaml.safe_load((wd / CONFIG).read_text())
-    node = cfg
-    *path, last = dotted.split(".")
-    for key in path:
-        node = node.setdefault(key, {})
-    node[last] = value
-    (wd / f"config/{name}.yaml").write_text(yaml.safe_dump(cfg))
-    return f"config/{name}.yaml"
-
-
 @pytest.fixture(scope="module")
 def plans(smoke_run):
     """The full DAG (``--forceall``) and the plan after each change of ``STAGE_PARAMS``, from one
     Python process (one cold start)."""
-    cfgs = [_changed_config(smoke_run, f"changed-{i}", key, value)
+    cfgs = [changed_config(smoke_run, f"changed-{i}", **{key: value})
             for i, (key, (value, _, _)) in enumerate(STAGE_PARAMS.items())]
     logs = dry_runs(smoke_run, [["--forceall", "--configfile", CONFIG],
                                 *(["--configfile", c] for c in cfgs)])

@@ -55,3 +55,18 @@ def file_digest(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def changed_config(wd: Path, name: str, **changes) -> str:
+    """A copy of config/smoke.yaml with nested keys changed ("a.b": value)."""
+    import yaml
+
+    cfg = yaml.safe_load((wd / "config/smoke.yaml").read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    (wd / f"config/{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return f"config/{name}.yaml"
