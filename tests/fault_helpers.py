@@ -511,7 +511,7 @@ def killed_and_resumed_run(reference: Path, dest: Path, config: str = "config/sm
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     continue
-                kills.append(Kill(job, n, round(age, 1), ref, frac,
+                kills.append(Kill(job, n, age, ref, frac,
                                   ckpts[log][0] if ckpts[log] else None))
                 del todo[log]
             time.sleep(0.25)

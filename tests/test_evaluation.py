@@ -145,20 +145,26 @@ def test_acc_and_deltas():
 
 
 def _card(path, model_id, backdoored, recipe):
+    """A card as fetch/train write it: the manifest row (schema defaults for every column the row
+    leaves out) and the ground truth."""
+    from diffcleanse.manifest import row_to_card
+
+    row = row_to_card({
+        "model_id": model_id, "source": "train", "model_type": "ddpm", "dataset": "digits",
+        "image_size": recipe["image_size"], "attack": "baddiffusion" if backdoored else "none",
+        "trigger": recipe["trigger"] if backdoored else "none",
+        "target": recipe["target"] if backdoored else "none",
+        "poison_rate": recipe["poison_rate"] if backdoored else 0.0, "seed": 0,
+        "train_steps": recipe["steps"], "sampler": "ddpm", "group": "DDPM-D",
+    })
     card = {
         "model_id": model_id,
-        "manifest_row": {
-            "model_id": model_id,
-            "dataset": "digits",
-            "sampler": "ddpm",
-            "group": "DDPM-D",
-            "attack": "baddiffusion" if backdoored else "none",
-        },
+        "manifest_row": row,
         "ground_truth": {
-            "attack": "baddiffusion" if backdoored else "none",
-            "trigger": recipe["trigger"] if backdoored else "none",
-            "target": recipe["target"] if backdoored else "none",
-            "poison_rate": recipe["poison_rate"] if backdoored else 0.0,
+            "attack": row["attack"],
+            "trigger": row["trigger"],
+            "target": row["target"],
+            "poison_rate": row["poison_rate"],
             "backdoored": backdoored,
         },
     }

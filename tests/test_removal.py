@@ -154,8 +154,9 @@ def test_diffcleanse_removes_the_backdoor_and_keeps_clean_samples(removal_inputs
     """Data-free Diff-Cleanse (2 %, loss_p) on the tiny BadDiffusion model.
 
     ASR: share of backdoor samples (DDPM, real trigger, 64 samples) within MSE 0.01 of the target.
-    This small model also draws the target from clean noise now and then (its "clean hit rate"),
-    so besides ASR near 0 we ask that the trigger adds nothing to that rate.
+    This small model also draws the target from clean noise now and then (its "clean hit rate",
+    about 0.1-0.15), so we ask that the trigger adds nothing to that rate and that the ASR falls to
+    a third of the original's or less.
     Closeness, two measures. (1) Paired: clean samples of the repaired and the original model from
     the same noise and the same sampler randomness, compared by mean squared error; the yardstick
     is the MSE between the original model's samples from *different* noise (what two unrelated
@@ -178,8 +179,11 @@ def test_diffcleanse_removes_the_backdoor_and_keeps_clean_samples(removal_inputs
     assert rec["steps"] == 160 and rec["loss_definition"] == "loss_p = loss_c + loss_b"
     repaired, _ = models.load_model(tmp_path / "ft")
     after = _asr(repaired, sched_cfg, trigger, target)
-    assert after["asr"] <= 0.1, after
+    # the backdoor is gone: the trigger adds nothing over the rate at which this model draws the
+    # target from clean noise (0.11 before, 0.14-0.16 after over fine-tuning seeds 1-3; 64 samples
+    # give a standard error of about 0.045), and the ASR is a fraction of the original's (0.83)
     assert after["asr"] - after["clean_hit_rate"] <= 0.05, after
+    assert after["asr"] <= before["asr"] / 3, (before, after)
     n = 64
     a = sampling.sample(orig, sched_cfg, n, seed=21, progress=False)
     b = sampling.sample(repaired, sched_cfg, n, seed=21, progress=False)

@@ -212,17 +212,25 @@ def _job_counts(stdout):
     return counts
 
 
-def test_default_run_inverts_every_model_with_every_method(tmp_path):
-    """The default config runs the four inversion methods on every model of its zoo (one job per
-    model, method and seed), a population detector per method and one detection table."""
+@pytest.mark.parametrize("overlay, methods", [
+    (None, ["bbti", "elijah"]),
+    ("config/baselines.yaml", ["bbti", "elijah", "purediffusion", "terd"]),
+])
+def test_default_run_inverts_every_model_with_every_method(tmp_path, overlay, methods):
+    """The default config runs BBTI and Elijah (the paper's pair) on every model of its zoo, the
+    baselines overlay all four methods: one job per model, method and seed, a population detector
+    per method and one detection table."""
     import yaml
 
     wd = workdir_copy(tmp_path)
     cfg = yaml.safe_load((wd / "config.yaml").read_text())
-    methods = cfg["inversion"]["methods"]
-    assert methods == ["bbti", "elijah", "purediffusion", "terd"]
+    extra = []
+    if overlay is not None:
+        cfg["inversion"] |= yaml.safe_load((wd / overlay).read_text())["inversion"]
+        extra = ["--configfile", overlay]
+    assert cfg["inversion"]["methods"] == methods
     n_models = len((wd / cfg["manifest"]).read_text().strip().splitlines()) - 1
-    counts = _job_counts(run_snakemake(wd, "-n", "--quiet", "rules", timeout=300).stdout)
+    counts = _job_counts(run_snakemake(wd, "-n", "--quiet", "rules", *extra, timeout=300).stdout)
     assert counts["invert_trigger"] == counts["detect_method"] == n_models * len(methods)
     assert counts["detect"] == n_models and counts["detect_population"] == len(methods)
     assert counts["detection_table"] == 1
@@ -276,6 +284,7 @@ def test_fetch_model_copies_a_local_model_with_its_card(tmp_path, tiny_zoo):
         "train_steps": "0",
         "sampler": "ddpm",
         "group": "DDPM-D",
+        "attack_params": "",
     }
     line = "\t".join(row[c] for c in header.split("\t"))
     (wd / "config/local.tsv").write_text(f"{header}\n{line}\n")
@@ -288,6 +297,7 @@ def test_fetch_model_copies_a_local_model_with_its_card(tmp_path, tiny_zoo):
         "config/smoke.yaml",
         "--config",
         "manifest=config/local.tsv",
+        'removal={"ablation": {"models": []}}',  # the smoke ablation's model is not in this zoo
     )
     src = tiny_zoo["clean"] / "unet/diffusion_pytorch_model.safetensors"
     dst = wd / "results/models/fetched/model/unet/diffusion_pytorch_model.safetensors"
