@@ -140,3 +140,35 @@ def test_zoo_trains_each_model_type_from_a_manifest_row(tmp_path, mtype, sampler
         assert card["ground_truth"]["gamma"] == 0.6 and chk["backdoor_input"].startswith("gamma")
     if mtype == "ldm":
         assert "target_rendering_mse" in chk
+
+
+def test_snapshots_belong_to_the_training_that_published_them(tmp_path):
+    """Fig. 14's snapshots are stashed beside the checkpoints (so a killed and resumed training
+    still publishes all of them) under a key of the training's parameters: a rerun with another
+    snapshot interval trains afresh and publishes only its own; a rerun with the same parameters
+    resumes from the final checkpoint and publishes the same snapshots again."""
+    row = {"model_id": "snap", "source": "train", "init": "", "model_type": "ddpm",
+           "dataset": "digits", "image_size": 8, "attack": "none", "trigger": "none",
+           "target": "none", "poison_rate": 0.0, "seed": 0, "train_steps": 20,
+           "sampler": "ddpm", "attack_params": "", "group": ""}
+    params = {"data_root": str(tmp_path), "unet": dict(ARCH), "scheduler":
+              {"num_train_timesteps": 10}, "batch_size": 8, "lr": 1e-3, "finetune_lr": 1e-3,
+              "warmup_steps": 2, "ema_decay": 0.99, "grad_clip": 1.0, "checkpoint_every": 10,
+              "attack_check": {"n_samples": 2, "mse_threshold": 0.01}}
+
+    def run(every: int, name: str) -> tuple[dict, set[str]]:
+        snaps = tmp_path / f"snapshots-{name}"
+        card = zoo.train_model(row, {**params, "snapshot_every": every}, tmp_path / name,
+                               tmp_path / f"{name}.json", init_dir=None,
+                               checkpoint_dir=tmp_path / "ckpt", snapshot_dir=snaps)
+        return card, {p.name for p in snaps.iterdir()}
+
+    card, first = run(5, "a")
+    assert first == {"step~5", "step~10", "step~15", "step~20"}
+    card, second = run(10, "b")
+    assert card["training"]["resumed_from_step"] == 0 and second == {"step~10", "step~20"}
+    card, third = run(10, "c")
+    assert card["training"]["resumed_from_step"] == 20 and third == second
+    w = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "snapshots-b/step~20" / w).read_bytes() == \
+        (tmp_path / "snapshots-c/step~20" / w).read_bytes()

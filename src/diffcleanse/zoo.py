@@ -24,7 +24,7 @@ import torch
 
 from diffcleanse import __version__, attacks, data, models, patterns, sampling, training
 from diffcleanse.attacks import trojdiff
-from diffcleanse.records import atomic_path, derive_seed, write_json
+from diffcleanse.records import atomic_path, derive_seed, params_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -372,12 +372,18 @@ def train_model(
             "scheduler": params["scheduler"],
             **({"ncsn": params.get("ncsn"), "autoencoder": params.get("autoencoder")}
                if row["model_type"] != "ddpm" else {}),
+            # a checkpoint resumed by a run that keeps snapshots must have kept the same ones
+            **({"snapshot_every": params.get("snapshot_every")} if snapshot_dir else {}),
         },
     )
     # snapshots are kept beside the training checkpoints while training runs (a killed job's
     # outputs are deleted by Snakemake, its checkpoints are not) and published at the end, so a
-    # resumed training still ends with every snapshot
-    stash = Path(checkpoint_dir) / "snapshots" if snapshot_dir else None
+    # resumed training still ends with every snapshot; the stash is keyed by what a checkpoint
+    # must match to be resumed (the snapshot interval included), so a changed row never publishes
+    # the snapshots of an earlier training
+    stash = None
+    if snapshot_dir:
+        stash = Path(checkpoint_dir) / f"snapshots-{params_hash(cfg.fingerprint())}"
     on_snapshot = _snapshotter(model, stash) if stash is not None else None
     ema, hist = training.train(
         model.unet, scheduler, space, cfg, attack=spec, checkpoint_dir=checkpoint_dir,
