@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from diffcleanse import models, patterns, sampling  # noqa: E402
+from diffcleanse import patterns, sampling  # noqa: E402
 from diffcleanse.records import atomic_path, derive_seed, read_json  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def model_gallery(
     base_seed: int = 0,
 ) -> None:
     """Clean samples beside backdoor samples for one zoo model (uses its card's ground truth)."""
-    from diffcleanse import zoo
+    from diffcleanse import models, zoo  # diffusers: only the rules that draw samples pay for it
 
     card = read_json(card_path)
     row = card["manifest_row"]
