@@ -309,3 +309,32 @@ def test_fetch_model_copies_a_local_model_with_its_card(tmp_path, tiny_zoo):
     assert card["source"].startswith("local:") and card["ground_truth"]["backdoored"] is False
     log = (wd / "results/logs/fetch_model/fetched.log").read_text()
     assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_run_cost_sums_the_benchmark_files_of_a_run(smoke_run):
+    """benchmarks/run_cost.py: one row per rule that wrote benchmark files, its job count and CPU
+    seconds those of the files (read here with pandas), the heaviest rule first."""
+    import importlib.util
+    import sys
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("run_cost", REPO / "benchmarks/run_cost.py")
+    run_cost = importlib.util.module_from_spec(spec)
+    sys.modules["run_cost"] = run_cost  # dataclasses look their module up there
+    spec.loader.exec_module(run_cost)
+    root = smoke_run / "results/benchmarks"
+    costs = run_cost.read_costs(root)
+    files: dict[str, list] = {}
+    for tsv in root.rglob("*.tsv"):
+        rel = tsv.relative_to(root)
+        files.setdefault(rel.parts[0] if len(rel.parts) > 1 else rel.stem, []).append(tsv)
+    assert set(costs) == set(files) and {"train_model", "invert_trigger", "finetune"} <= set(costs)
+    for rule, paths in files.items():
+        cpu = sum(float(pd.read_csv(p, sep="\t")["cpu_time"].iloc[-1]) for p in paths)
+        assert costs[rule].jobs == len(paths) and costs[rule].cpu == pytest.approx(cpu), rule
+    text = run_cost.report(costs, 2, markdown=True)
+    first = text.splitlines()[2].split(" | ")[0].strip("| ")
+    assert first == max(costs, key=lambda r: costs[r].cpu)
+    assert f"{sum(c.jobs for c in costs.values())} jobs" in text
