@@ -381,9 +381,8 @@ def train_model(
     # resumed training still ends with every snapshot; the stash is keyed by what a checkpoint
     # must match to be resumed (the snapshot interval included), so a changed row never publishes
     # the snapshots of an earlier training
-    stash = None
-    if snapshot_dir:
-        stash = Path(checkpoint_dir) / f"snapshots-{params_hash(cfg.fingerprint())}"
+    stash = (Path(checkpoint_dir) / f"snapshots-{params_hash(cfg.fingerprint())}"
+             if snapshot_dir else None)
     on_snapshot = _snapshotter(model, stash) if stash is not None else None
     ema, hist = training.train(
         model.unet, scheduler, space, cfg, attack=spec, checkpoint_dir=checkpoint_dir,

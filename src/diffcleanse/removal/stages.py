@@ -231,7 +231,8 @@ def run_finetune(pruned_dir: str | Path, reference_dir: str | Path, data_path: s
     ema, hist = ft.finetune(unet, scheduler, images, cfg, reference=reference, seed=seed,
                             checkpoint_dir=checkpoint_dir, device=device, progress=progress,
                             stop_after=stop_after, extra=extra)
-    if _save_finished(ema, scheduler, hist, out_dir, "Pruned by diffcleanse and fine-tuned."):
+    if not _save_if_finished(ema, scheduler, hist, out_dir,
+                             "Pruned by diffcleanse and fine-tuned."):
         return {"stopped_at": hist["stopped_at"], "steps": hist["steps"]}
     tail = hist["losses"][-100:]
     record = make_record(
@@ -245,16 +246,16 @@ def run_finetune(pruned_dir: str | Path, reference_dir: str | Path, data_path: s
     return record
 
 
-def _save_finished(ema: torch.nn.Module, scheduler: Any, hist: dict[str, Any],
-                   out_dir: str | Path, note: str) -> bool:
-    """Write a finished fine-tuning's model (with its loading bundle) atomically; True, writing
-    nothing, when the run stopped early (``stop_after``)."""
+def _save_if_finished(ema: torch.nn.Module, scheduler: Any, hist: dict[str, Any],
+                      out_dir: str | Path, note: str) -> bool:
+    """Write a finished fine-tuning's model (with its loading bundle) atomically and return True;
+    False, writing nothing, when the run stopped early (``stop_after``)."""
     if hist["stopped_at"] < hist["steps"]:
-        return True
+        return False
     with atomic_path(out_dir) as tmp:
         models.save_model(ema.cpu().eval(), scheduler, tmp)
         pruned_io.write_bundle(tmp, note, out_dir)
-    return False
+    return True
 
 
 def run_elijah(model_dir: str | Path, data_path: str | Path, trigger_path: str | Path,
@@ -273,8 +274,8 @@ def run_elijah(model_dir: str | Path, data_path: str | Path, trigger_path: str |
     ema, hist = elijah.repair(unet, scheduler, images, trigger, cfg, seed=seed,
                               checkpoint_dir=checkpoint_dir, device=device, progress=progress,
                               stop_after=stop_after, extra=extra)
-    if _save_finished(ema, scheduler, hist, out_dir,
-                      "Repaired by Elijah's removal loss (diffcleanse)."):
+    if not _save_if_finished(ema, scheduler, hist, out_dir,
+                             "Repaired by Elijah's removal loss (diffcleanse)."):
         return {"stopped_at": hist["stopped_at"], "steps": hist["steps"]}
     tail = {k: sum(v[-100:]) / max(1, len(v[-100:])) for k, v in hist["parts"].items()}
     record = make_record(
