@@ -7,7 +7,12 @@ UNet's plain batched forward (no grad, same batch, measured in this run), the ve
 true target, the inverted trigger's ASR. With the true trigger (``--trigger``: a pattern name, or a
 safetensors file with a tensor ``trigger`` such as ../shared/zoo-external/*/truth.safetensors) it
 also prints how well each gradient points at it: cos(−dℓ/dr, r_true − r) at r = c·r_true + 0.1·N(0,
-1), c ∈ {0, 0.3, 0.6}, and cos(black-box, exact).
+1), c ∈ {0, 0.3, 0.6}, over ``--trials`` draws of the 0.1·N(0, 1) (mean, min and max: a direction
+whose sign flips between draws is no direction), and cos(black-box, exact); then the landscape the
+gradients should follow: the verdict batch sampled from ``noise + c·r_true`` for c from 0 to 1.5
+(MSCR, ASR with ``--target``, BBTI's loss), and Elijah's shift coefficient at t = T,
+λ = ⟨mean ε_θ(ε + r, T) − mean ε_θ(ε, T), r⟩ / ‖r‖², at the true trigger and at a random one
+of the same norm (Elijah's loss assumes λ = 0.5 at the trigger; a clean UNet gives about 1).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inversion.py \\
         --model ../shared/zoo-external/ext-bd-box-corner \\
@@ -86,6 +91,31 @@ def gradient_alignment(ctx: Context, r_true: torch.Tensor, spec: bbti.BBTISpec, 
     return out
 
 
+def landscape(ctx: Context, r_true: torch.Tensor, spec: bbti.BBTISpec,
+              target: torch.Tensor | None, mse_threshold: float, c: float) -> dict[str, float]:
+    """MSCR, ASR (with a target) and BBTI's loss of the verdict batch from ``noise + c·r_true``."""
+    with torch.no_grad():
+        x0 = ctx.backdoor_samples(c * r_true[None])
+        z = bbti.embed(ctx.encoder, x0)
+        out = {"mscr": detection.mscr(z, ctx.detect.active_kappa,
+                                      detection.in_band(x0, ctx.detect)),
+               "loss": float(bbti.objective(x0, z, spec, ctx.detect)[0])}
+        if target is not None:
+            hit = ((x0.clamp(-1, 1) - target) ** 2).mean(dim=(1, 2, 3)) < mse_threshold
+            out["asr"] = float(hit.float().mean())
+    return out
+
+
+def shift_coefficient(model: models.DiffusionModel, r: torch.Tensor, n: int, seed: int) -> float:
+    """Elijah's λ at ``r``: the first-step mean noise shift projected on ``r`` (module doc)."""
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn((n, *r.shape), generator=g)
+    t = torch.full((n,), int(model.scheduler_config["num_train_timesteps"]) - 1)
+    with torch.no_grad():
+        shift = (model.unet(eps + r, t).sample - model.unet(eps, t).sample).mean(dim=0)
+    return float((shift * r).sum() / (r * r).sum())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a model directory")
@@ -103,6 +133,8 @@ def main() -> None:
     p.add_argument("--mse-threshold", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trials", type=int, default=3,
+                   help="draws of the perturbation per alignment point")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -147,11 +179,29 @@ def main() -> None:
         print("gradient alignment at r = c*r_true + 0.1*N(0, 1): cos(-dl/dr, r_true - r), and "
               "cos(black-box variant, exact)")
         for c in (0.0, 0.3, 0.6):
-            a = gradient_alignment(ctx, r_true, spec, c, args.seed)
-            print(f"  c = {c:.1f}: whitebox {a['whitebox']:+.3f}, blackbox {a['blackbox']:+.3f} "
-                  f"(vs exact {a['blackbox_vs_exact']:+.3f}), blackbox_partial "
-                  f"{a['blackbox_partial']:+.3f} (vs exact {a['blackbox_partial_vs_exact']:+.3f})")
+            rows = [gradient_alignment(ctx, r_true, spec, c, args.seed + k)
+                    for k in range(args.trials)]
 
+            def spread(key: str, rows: list[dict[str, float]] = rows) -> str:
+                v = [a[key] for a in rows]
+                return f"{sum(v) / len(v):+.3f} [{min(v):+.3f}, {max(v):+.3f}]"
+
+            print(f"  c = {c:.1f} (mean [min, max] of {args.trials}): whitebox "
+                  f"{spread('whitebox')}, blackbox {spread('blackbox')} (vs exact "
+                  f"{spread('blackbox_vs_exact')}), blackbox_partial "
+                  f"{spread('blackbox_partial')}")
+        print("landscape: the verdict batch from noise + c*r_true")
+        for c in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5):
+            row = landscape(ctx, r_true, spec, target, args.mse_threshold, c)
+            asr = f", ASR {row['asr']:.2f}" if "asr" in row else ""
+            print(f"  c = {c:.2f}: MSCR {row['mscr']:.3f}{asr}, BBTI loss {row['loss']:.3f}")
+        g = torch.Generator().manual_seed(args.seed)
+        rand = torch.randn(r_true.shape, generator=g)
+        rand = rand / rand.norm() * r_true.norm()
+        print(f"Elijah's shift coefficient at t = T (batch 64): true trigger "
+              f"{shift_coefficient(model, r_true, 64, args.seed):.3f}, a random trigger of the "
+              f"same norm {shift_coefficient(model, rand, 64, args.seed):.3f} (Elijah assumes "
+              f"0.5 at the trigger)")
 
 if __name__ == "__main__":
     main()

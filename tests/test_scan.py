@@ -182,7 +182,7 @@ def test_scan_takes_a_workflow_configs_settings(tiny_zoo, tmp_path, capsys):
     assert rec["batch_size"] == 4
     assert rec["encoder"] == "pixels"
     used = rec["params_by_method"]["bbti"]  # every setting of the run, defaults included
-    assert used["gradient"] == cfg["bbti"]["gradient"] == "whitebox"
+    assert used["gradient"] == cfg["bbti"]["gradient"]
     assert used["restarts"] == cfg["bbti"]["restarts"]
     assert used["init_scale"] == cfg["bbti"]["init_scale"] and used["range_loss"] is True
     assert used["max_iters"] == 4 and rec["by_method"]["bbti"]["iterations"] <= 4
