@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from diffcleanse import detection, encoders, inversion, models, patterns, samplers
+from diffcleanse import detection, encoders, evaluation, inversion, models, patterns, samplers
 from diffcleanse.inversion import bbti
 from diffcleanse.inversion.base import Context
 from diffcleanse.inversion.run import verdict_batch
@@ -91,6 +91,12 @@ def gradient_alignment(ctx: Context, r_true: torch.Tensor, spec: bbti.BBTISpec, 
     return out
 
 
+def spread(rows: list[dict[str, float]], key: str) -> str:
+    """``mean [min, max]`` of one reading over the trials."""
+    v = [a[key] for a in rows]
+    return f"{sum(v) / len(v):+.3f} [{min(v):+.3f}, {max(v):+.3f}]"
+
+
 def landscape(ctx: Context, r_true: torch.Tensor, spec: bbti.BBTISpec,
               target: torch.Tensor | None, mse_threshold: float, c: float) -> dict[str, float]:
     """MSCR, ASR (with a target) and BBTI's loss of the verdict batch from ``noise + c·r_true``."""
@@ -101,8 +107,7 @@ def landscape(ctx: Context, r_true: torch.Tensor, spec: bbti.BBTISpec,
                                       detection.in_band(x0, ctx.detect)),
                "loss": float(bbti.objective(x0, z, spec, ctx.detect)[0])}
         if target is not None:
-            hit = ((x0.clamp(-1, 1) - target) ** 2).mean(dim=(1, 2, 3)) < mse_threshold
-            out["asr"] = float(hit.float().mean())
+            out["asr"] = evaluation.asr_image(x0.clamp(-1, 1), target, mse_threshold)
     return out
 
 
@@ -161,8 +166,8 @@ def main() -> None:
         rate = res.unet_evals_per_second
         extra = ""
         if target is not None:
-            hit = ((res.samples.clamp(-1, 1) - target) ** 2).mean(dim=(1, 2, 3))
-            extra += f", ASR {float((hit < args.mse_threshold).float().mean()):.2f}"
+            asr = evaluation.asr_image(res.samples.clamp(-1, 1), target, args.mse_threshold)
+            extra += f", ASR {asr:.2f}"
         if r_true is not None:
             extra += f", L2 to the true trigger {float((res.trigger - r_true).norm()):.1f}"
         print(f"{gradient:16s}: {res.seconds:7.1f} s for {res.iterations} iterations "
@@ -181,15 +186,10 @@ def main() -> None:
         for c in (0.0, 0.3, 0.6):
             rows = [gradient_alignment(ctx, r_true, spec, c, args.seed + k)
                     for k in range(args.trials)]
-
-            def spread(key: str, rows: list[dict[str, float]] = rows) -> str:
-                v = [a[key] for a in rows]
-                return f"{sum(v) / len(v):+.3f} [{min(v):+.3f}, {max(v):+.3f}]"
-
             print(f"  c = {c:.1f} (mean [min, max] of {args.trials}): whitebox "
-                  f"{spread('whitebox')}, blackbox {spread('blackbox')} (vs exact "
-                  f"{spread('blackbox_vs_exact')}), blackbox_partial "
-                  f"{spread('blackbox_partial')}")
+                  f"{spread(rows, 'whitebox')}, blackbox {spread(rows, 'blackbox')} (vs exact "
+                  f"{spread(rows, 'blackbox_vs_exact')}), blackbox_partial "
+                  f"{spread(rows, 'blackbox_partial')}")
         print("landscape: the verdict batch from noise + c*r_true")
         for c in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5):
             row = landscape(ctx, r_true, spec, target, args.mse_threshold, c)
