@@ -14,9 +14,12 @@ export HF_HUB_OFFLINE ?= 1
 $(UV):
 	python3 -m pip install --user --quiet "uv==$(UV_VERSION)" || python3 -m pip install --quiet "uv==$(UV_VERSION)"
 
-# A virtual environment exactly as uv.lock pins it (torch 2.13.0 with torchvision 0.28.0).
+# A virtual environment exactly as uv.lock pins it (torch 2.13.0 with torchvision 0.28.0),
+# compiled to bytecode once at install: where PYTHONDONTWRITEBYTECODE is set (as on these
+# machines) every job would otherwise recompile torch and diffusers from source as it starts
+# (docs/performance.md, "Start-up of a job").
 env: $(UV)
-	$(UV) sync --locked --extra dev
+	$(UV) sync --locked --extra dev --compile-bytecode
 
 run: env
 	$(UV) run --no-sync snakemake --cores $(CORES)

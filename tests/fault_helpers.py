@@ -520,7 +520,7 @@ def killed_and_resumed_run(reference: Path, dest: Path, config: str = "config/sm
         for k in kills:
             if k.pass_index == n:
                 k.outputs_left = [o for o in k.job.outputs if (wd / o).exists()]
-                k.temporaries_left = _temporaries(wd, k.job)
+                k.temporaries_left = temporaries(wd, k.job)
         escaped = [j for j in todo.values() if all((wd / o).exists() for o in j.outputs)]
         for job in escaped:  # finished before it could be killed: again, sooner
             for o in job.outputs:
@@ -539,14 +539,16 @@ def killed_and_resumed_run(reference: Path, dest: Path, config: str = "config/sm
     return run
 
 
-def _temporaries(wd: Path, job: Job) -> list[str]:
-    """Hidden temporaries (``records.atomic_path``) beside the job's outputs."""
+def temporaries(wd: Path, job: Job) -> list[str]:
+    """Hidden temporaries beside the job's outputs: ``records.atomic_path``'s
+    ``.<output>.*.tmp`` and ``records.scratch_dir``'s ``.<name>.scratch``."""
     out = []
     for o in job.outputs:
         parent = (wd / o).parent
         if parent.is_dir():
             out += [p.relative_to(wd).as_posix() for p in parent.iterdir()
-                    if p.name.startswith(f".{Path(o).name}.") and p.name.endswith(".tmp")]
+                    if (p.name.startswith(f".{Path(o).name}.") and p.name.endswith(".tmp"))
+                    or (p.name.startswith(".") and p.name.endswith(".scratch"))]
     return sorted(set(out))
 
 

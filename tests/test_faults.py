@@ -31,6 +31,7 @@ from fault_helpers import (
     killed_and_resumed_run,
     output_files,
     reference_seconds,
+    temporaries,
 )
 from workflow_helpers import SNAKEMAKE, file_digest
 
@@ -59,8 +60,10 @@ def test_one_job_of_every_heavy_rule_was_killed_mid_job(killed_run):
 def test_no_output_of_a_killed_job_is_left_looking_complete(killed_run):
     for k in killed_run.kills:
         assert k.outputs_left == [], (str(k.job), k.outputs_left)
-        for t in k.temporaries_left:  # records.atomic_path's scratch: hidden, named *.tmp
-            assert Path(t).name.startswith(".") and t.endswith(".tmp"), t
+        for t in k.temporaries_left:  # records.atomic_path / scratch_dir: hidden
+            assert Path(t).name.startswith("."), t
+        # the rerun cleared whatever the kill left (a preempted job's model would pile up)
+        assert temporaries(killed_run.workdir, k.job) == [], str(k.job)
 
 
 def test_killed_jobs_rerun_to_the_records_of_the_uninterrupted_run(killed_run, smoke_run):

@@ -38,3 +38,17 @@ def test_conda_env_pins_match_the_lock():
     for spec in pinned:
         name, version = spec.split("==")
         assert locked[name.lower().replace("_", "-")] == version, spec
+
+
+def test_the_environment_is_installed_with_bytecode():
+    """`make env` compiles the libraries once (``--compile-bytecode``): with PYTHONDONTWRITEBYTECODE
+    set, as on these machines, every job would otherwise recompile torch and diffusers as it
+    starts (benchmarks/startup.py measured 2.5x the CPU of a job's imports)."""
+    import importlib.util
+
+    import diffusers.models.unets.unet_2d
+    import torch.nn.modules.conv
+
+    for mod in (torch.nn.modules.conv, diffusers.models.unets.unet_2d):
+        assert Path(importlib.util.cache_from_source(mod.__file__)).is_file(), (
+            f"{mod.__file__} has no bytecode: install with `make env` (uv sync --compile-bytecode)")

@@ -37,7 +37,14 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from diffcleanse import data, models, patterns, sampling
-from diffcleanse.records import atomic_path, derive_seed, make_record, read_json, write_json
+from diffcleanse.records import (
+    atomic_path,
+    derive_seed,
+    make_record,
+    read_json,
+    scratch_dir,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -715,9 +722,8 @@ def ablate_threshold(
     """Fig. 6: importance with threshold ``t_threshold_frac`` (stage 2's ``run_importance``),
     pruning (``run_prune``), then the pruned model's utility and real-trigger ASR against the
     original state's (``original_metrics``). ``out`` maps ``metrics``, ``grid`` and ``record``;
-    the importance scores and the pruned model live in a temporary folder."""
-    import tempfile
-
+    the importance scores and the pruned model live in a scratch folder beside the record
+    (``records.scratch_dir``: one a killed earlier attempt left is cleared first)."""
     from diffcleanse.removal import ScoreSpec, stages
     from diffcleanse.removal import importance as imp
 
@@ -731,8 +737,7 @@ def ablate_threshold(
     )
     model_id = read_json(card_path)["manifest_row"]["model_id"]
     Path(out["record"]).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=Path(out["record"]).parent) as tmp:
-        tmp = Path(tmp)
+    with scratch_dir(Path(out["record"]).parent, "ablate_threshold") as tmp:
         irec = stages.run_importance(
             model_dir,
             data_path,

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,6 +38,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     target = tmp / final.name
     try:
@@ -54,6 +56,37 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Remove the temporaries of ``final`` that a killed earlier attempt left (SIGKILL runs no
+    ``finally``). One output has one writer at a time (Snakemake locks the directory, a job owns
+    its outputs), so any ``.<name>.<8 random>.tmp`` beside it is from a dead attempt."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for p in final.parent.iterdir():
+        if not pattern.fullmatch(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str | os.PathLike[str], name: str) -> Iterator[Path]:
+    """A job's working folder ``parent/.name.scratch``, empty on entry and gone on exit.
+
+    The name is fixed, not random, so the folder a killed earlier attempt left behind (SIGKILL,
+    a preempted SLURM job: nothing runs its cleanup) is the one the rerun clears first; it is
+    hidden, so it is never mistaken for an output.
+    """
+    path = Path(parent) / f".{name}.scratch"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
