@@ -17,7 +17,7 @@ $(UV):
 # A virtual environment exactly as uv.lock pins it (torch 2.13.0 with torchvision 0.28.0),
 # compiled to bytecode once at install: where PYTHONDONTWRITEBYTECODE is set (as on these
 # machines) every job would otherwise recompile torch and diffusers from source as it starts
-# (docs/performance.md, "Start-up of a job").
+# (README, "Install details"; benchmarks/startup.py measures it).
 env: $(UV)
 	$(UV) sync --locked --extra dev --compile-bytecode
 
