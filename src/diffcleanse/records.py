@@ -34,7 +34,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
 
     Works for files and directories. On error the temporary path is removed and ``path`` is left
-    untouched, so a killed or failing job never leaves a half-written output behind.
+    untouched, so a killed or failing job never leaves a half-written output behind. What a
+    SIGKILLed earlier write of the same path left (nothing ran its cleanup) is removed first: a
+    path has one writer at a time, so do not point two live processes at the same output.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
