@@ -1,4 +1,4 @@
-"""records.scratch_dir: a job's working folder survives no kill into the rerun's results."""
+"""records.scratch_dir and atomic_path: what a killed job left does not survive its rerun."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from diffcleanse.records import atomic_path, scratch_dir
 
 CHILD = """
 import sys, time
-from pathlib import Path
-from diffcleanse.records import atomic_path, scratch_dir
+from diffcleanse.records import scratch_dir
 with scratch_dir(sys.argv[1], "job") as d:
     (d / "half-written.bin").write_bytes(b"x" * 1024)
     print(d, flush=True)
@@ -35,12 +36,9 @@ def test_a_killed_jobs_scratch_is_cleared_by_the_rerun_and_gone_after_it(tmp_pat
 
 
 def test_scratch_is_removed_when_the_block_raises(tmp_path: Path) -> None:
-    try:
-        with scratch_dir(tmp_path, "job") as d:
-            (d / "f").write_text("x")
-            raise RuntimeError("stage failed")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError), scratch_dir(tmp_path, "job") as d:
+        (d / "f").write_text("x")
+        raise RuntimeError("stage failed")
     assert not d.exists()
 
 

@@ -736,8 +736,7 @@ def ablate_threshold(
         }
     )
     model_id = read_json(card_path)["manifest_row"]["model_id"]
-    Path(out["record"]).parent.mkdir(parents=True, exist_ok=True)
-    with scratch_dir(Path(out["record"]).parent, "ablate_threshold") as tmp:
+    with scratch_dir(Path(out["record"]).parent, "ablate_threshold") as tmp:  # makes the folder
         irec = stages.run_importance(
             model_dir,
             data_path,

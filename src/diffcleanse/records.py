@@ -47,10 +47,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield target
         if not target.exists():
             raise FileNotFoundError(f"nothing was written to {target} for {final}")
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        elif final.exists():
-            final.unlink()
+        _remove(final)
         os.replace(target, final)
     except Exception as err:
         err.add_note(f"{final}: not written (disk full or unwritable?); its partial temporary "
@@ -66,12 +63,20 @@ def _remove_stale_temporaries(final: Path) -> None:
     its outputs), so any ``.<name>.<8 random>.tmp`` beside it is from a dead attempt."""
     pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")
     for p in final.parent.iterdir():
-        if not pattern.fullmatch(p.name):
-            continue
+        if pattern.fullmatch(p.name):
+            _remove(p, ignore_errors=True)
+
+
+def _remove(p: Path, *, ignore_errors: bool = False) -> None:
+    """Remove a file, a link or a whole folder, if it exists."""
+    try:
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 @contextlib.contextmanager
