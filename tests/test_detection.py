@@ -290,12 +290,12 @@ def test_restarts_share_the_budget_and_range_loss_is_recorded(tiny_zoo):
         inversion.BBTISpec(max_iters=2, restarts=3)
 
 
-@pytest.mark.parametrize("gradient", ["blackbox", "whitebox"])
+@pytest.mark.parametrize("gradient", ["blackbox", "whitebox", "zeroth_order"])
 def test_batched_restarts_give_the_results_of_one_by_one(tiny_zoo, gradient):
     """R starts as one batch of R x B samples, each with its own Adam and its own stop, give the
     trigger, history and verdict of the same starts run one after another (issue 14)."""
     kw = {"max_iters": 9, "restarts": 3, "gradient": gradient, "whitebox_steps": 10,
-          "batch_size": 8, "seed": 5}
+          "batch_size": 8, "seed": 5, "zo_directions": 2}
     a = _invert(tiny_zoo["backdoored"], 0.3, batched=True, **kw)
     b = _invert(tiny_zoo["backdoored"], 0.3, batched=False, **kw)
     assert a.stopped_early == b.stopped_early and a.verdict["mscr"] == b.verdict["mscr"]
@@ -303,7 +303,8 @@ def test_batched_restarts_give_the_results_of_one_by_one(tiny_zoo, gradient):
         [(r["start"], r["iteration"], r["mscr"]) for r in b.history]
     assert torch.allclose(a.trigger, b.trigger, atol=1e-5)
     assert torch.allclose(a.samples, b.samples, atol=1e-4)
-    assert a.unet_rows <= b.unet_rows + 50 * 8 * 3 * 10  # batching does not add evaluations
+    # batching does not add evaluations
+    assert a.unet_rows <= b.unet_rows + 50 * 8 * 3 * 10 * (5 if gradient == "zeroth_order" else 1)
 
 
 def test_same_seed_same_trigger_and_record(tiny_zoo):
@@ -405,3 +406,41 @@ def test_range_loss_pulls_samples_back_into_the_data_range():
     _, parts = detection.bbti_loss(x.detach(), z, use_entropy=False, raw=x.detach(),
                                    range_margin=0.0, range_weight=3.0)
     assert parts["lambda_range"] == 3.0
+
+
+# ---------------------------------------------------------------- the zeroth-order search
+def test_zeroth_order_estimate_points_down_a_linear_loss():
+    """For ℓ(r) = w·r the antithetic estimate is mean_k (w·d_k) d_k, whose expectation is w; at a
+    coarse grid the directions are constant over each cell."""
+    from diffcleanse.inversion import bbti
+
+    spec = bbti.BBTISpec(gradient="zeroth_order", zo_directions=400, zo_resolutions=(4,))
+    g = torch.Generator().manual_seed(0)
+    d = bbti.coarse_directions(spec, (3, 4, 4), 0, g)
+    w = torch.randn(1, 3, 4, 4, generator=g)
+    sigma = spec.zo_sigma
+    losses = torch.cat([((w * (sigma * d)).flatten(1)).sum(1), (-(w * sigma * d)).flatten(1)
+                        .sum(1)])
+    est = bbti.zo_gradient(losses, d, sigma)
+    assert float(torch.nn.functional.cosine_similarity(est.flatten(), w.flatten(), dim=0)) > 0.9
+    coarse = bbti.BBTISpec(gradient="zeroth_order", zo_directions=3, zo_resolutions=(2, 4),
+                           zo_stage_iters=2)
+    assert [coarse.zo_resolution(i) for i in range(5)] == [2, 2, 4, 4, 4]
+    d2 = bbti.coarse_directions(coarse, (3, 8, 8), 0, g)
+    assert d2.shape == (3, 3, 8, 8)
+    assert torch.equal(d2[:, :, :4, :4], d2[:, :, :1, :1].expand(-1, -1, 4, 4))
+    assert not torch.equal(d2[:, :, :4, :4], d2[:, :, 4:, 4:])
+
+
+def test_zeroth_order_settings_are_checked():
+    for bad, match in (({"zo_directions": 0}, "zo_directions"), ({"zo_sigma": 0}, "zo_sigma"),
+                       ({"zo_resolutions": []}, "zo_resolutions")):
+        with pytest.raises(ValueError, match=match):
+            inversion.BBTISpec(gradient="zeroth_order", **bad)
+
+
+def test_zeroth_order_costs_2k_plus_1_passes_and_no_backward(tiny_zoo):
+    res = _invert(tiny_zoo["clean"], 0.5, max_iters=2, batch_size=4, gradient="zeroth_order",
+                  zo_directions=2, early_stop=False)
+    assert res.unet_rows == 2 * 50 * 4 * 5 and res.iterations == 2
+    assert [row["zo_resolution"] for row in res.history] == [2, 2]

@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the verdict batch (default: the paper's 100/50/20 by image size, "
                            "16 for other sizes; or the config's inversion.batch_size)")
     bb = scan.add_argument_group("BBTI (inversion.bbti.*)", "Defaults: the paper's protocol.")
-    bb.add_argument("--gradient", choices=["blackbox", "blackbox_partial", "whitebox"],
+    bb.add_argument("--gradient", choices=["blackbox", "blackbox_partial", "whitebox",
+                                           "zeroth_order"],
                     default=None, help="trigger gradient (default blackbox: Eq. 1's total "
-                    "derivative, the paper's; whitebox: exact, what the default zoo uses)")
+                    "derivative, the paper's; whitebox: exact; zeroth_order: a coarse-to-fine "
+                    "antithetic search, what the default zoo uses; docs/detection.md)")
     bb.add_argument("--whitebox-steps", type=int, default=None,
                     help="sampler steps the white-box gradient differentiates (default: all)")
     bb.add_argument("--init-scale", type=float, default=None,

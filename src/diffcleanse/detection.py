@@ -235,13 +235,14 @@ def _balanced(ls: torch.Tensor, term: torch.Tensor) -> tuple[torch.Tensor, float
 def bbti_loss(x0: torch.Tensor, z: torch.Tensor, *, use_entropy: bool = True,
               kappa_minus: float = KAPPA_MINUS, kappa_plus: float = KAPPA_PLUS,
               bins: int = 4096, raw: torch.Tensor | None = None,
-              range_margin: float = RANGE_MARGIN, range_weight: float | None = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              range_margin: float = RANGE_MARGIN, range_weight: float | None = None,
+              entropy_weight: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """ℓ = ℓ_s + λ·ℓ_e (Eq. 4) with λ set each step so that λ·ℓ_e equals ℓ_s in size (when ℓ_e > 0).
 
     With ``raw`` (the unclipped samples) the range term ℓ_r is added the same way (λ_r·ℓ_r equal
-    to ℓ_s in size while any value leaves the data range). Returns the loss and its parts (floats,
-    for logs and records).
+    to ℓ_s in size while any value leaves the data range). ``entropy_weight`` / ``range_weight``
+    fix λ / λ_r instead (the zeroth-order search compares perturbed triggers under the centre's
+    weights). Returns the loss and its parts (floats, for logs and records).
     """
     ls = similarity_loss(z)
     parts = {"loss_similarity": float(ls.detach()), "loss_entropy": 0.0, "lambda": 0.0,
@@ -249,7 +250,8 @@ def bbti_loss(x0: torch.Tensor, z: torch.Tensor, *, use_entropy: bool = True,
     loss = ls
     if use_entropy:
         le = entropy_loss(x0, kappa_minus, kappa_plus, bins)
-        term, lam = _balanced(ls, le)
+        term, lam = _balanced(ls, le) if entropy_weight is None else (entropy_weight * le,
+                                                                      entropy_weight)
         loss = loss + term
         parts.update(loss_entropy=float(le.detach()), **{"lambda": lam})
     if raw is not None:
