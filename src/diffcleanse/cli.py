@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "zeroth_order"],
                     default=None, help="trigger gradient (default blackbox: Eq. 1's total "
                     "derivative, the paper's; whitebox: exact; zeroth_order: a coarse-to-fine "
-                    "antithetic search, what the default zoo uses; docs/detection.md)")
+                    "antithetic search without sampler derivatives; docs/detection.md)")
     bb.add_argument("--whitebox-steps", type=int, default=None,
                     help="sampler steps the white-box gradient differentiates (default: all)")
     bb.add_argument("--init-scale", type=float, default=None,
