@@ -4,7 +4,7 @@ Draw a trigger ``r`` of the input's shape; each iteration samples ``X_0`` from `
 the fixed verdict batch of clean noise ε with the model's backdoor sampler (no clipping), embeds
 ``X_0``, computes MSCR (``detection.mscr``) and stops once MSCR >= κ_d (the model is flagged);
 otherwise it takes one Adam step (lr 0.1) on ℓ = ℓ_s + λ·ℓ_e (Eqs. 2-4; optionally + λ_r·ℓ_r, the
-range loss, which is not in the paper). Three gradients (``BBTISpec.gradient``):
+range loss, which is not in the paper). Four gradients (``BBTISpec.gradient``):
 
 * ``blackbox`` (the paper's): the sampler runs under ``torch.no_grad`` and dℓ/dX_0 reaches r
   through Eq. 1 at t = T. The backdoored input is ``X_T = ε + r`` and Eq. 1 says
@@ -147,7 +147,7 @@ def objective(x0: torch.Tensor, z: torch.Tensor, spec: BBTISpec,
 
 
 def coarse_directions(spec: BBTISpec, shape: tuple[int, int, int], iteration: int,
-                  generator: torch.Generator) -> torch.Tensor:
+                      generator: torch.Generator) -> torch.Tensor:
     """The zeroth-order search's ``zo_directions`` directions U(u_k), (K, C, H, W): N(0, 1) on
     the iteration's coarse grid, nearest-upsampled to the input's size."""
     c, h, w = shape
