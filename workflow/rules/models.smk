@@ -42,6 +42,10 @@ rule train_model:
         "results/benchmarks/train_model/{model}.tsv"
     wildcard_constraints:
         model=_alternatives([m for m in TRAINED if m not in ADAPTIVE]),
+    # Training first among ready jobs: models are the zoo's critical path (the backdoored ones
+    # fine-tune a clean one), and a 2-core run that inverts triggers before training finishes
+    # waits on its last model at the end.
+    priority: 10
     threads: config["train"]["threads"]
     resources:
         mem_mb=memory(4000),
@@ -74,6 +78,7 @@ rule train_adaptive:
         "results/benchmarks/train_model/{model}.tsv"
     wildcard_constraints:
         model=_alternatives(ADAPTIVE),
+    priority: 10  # as train_model
     threads: config["train"]["threads"]
     resources:
         mem_mb=memory(4000),
