@@ -1,13 +1,29 @@
-"""Shared test set-up: offline hub, few threads, and small helpers."""
+"""Shared test set-up: offline hub, few threads, the grouping of tests for parallel workers,
+and small helpers."""
 
 import os
 
 import pytest
 import torch
+from session_cache import shared_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub call would otherwise retry for ~46 s
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): each test file runs
+    whole on one worker, so its module fixtures are built once; every test that uses the smoke
+    run or the SLURM cluster joins one group, so the smoke run is made once and one test at a time
+    submits to the cluster. Without xdist the marks do nothing."""
+    for item in items:
+        if "smoke_run" in item.fixturenames or item.get_closest_marker("slurm"):
+            group = "workflow"
+        else:
+            group = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
@@ -66,19 +82,17 @@ def tiny_zoo(request, tmp_path_factory):
 
     from diffcleanse.records import params_hash
 
-    name = f"tiny-zoo-{params_hash(TINY_RECIPE)}"
-    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
-    root = cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
     out = {"recipe": dict(TINY_RECIPE)}
-    for name, attacked, seed in (("clean", False, 0), ("backdoored", True, 1)):
-        d = root / name
-        if not (d / "unet" / "config.json").is_file():
-            import shutil
+    with shared_dir(request, tmp_path_factory, f"tiny-zoo-{params_hash(TINY_RECIPE)}") as root:
+        for name, attacked, seed in (("clean", False, 0), ("backdoored", True, 1)):
+            d = root / name
+            if not (d / "unet" / "config.json").is_file():
+                import shutil
 
-            shutil.rmtree(d, ignore_errors=True)
-            _train_tiny(d, attacked, seed)
-            (root / f"{name}.json").write_text(json.dumps(TINY_RECIPE))
-        out[name] = d
+                shutil.rmtree(d, ignore_errors=True)
+                _train_tiny(d, attacked, seed)
+                (root / f"{name}.json").write_text(json.dumps(TINY_RECIPE))
+            out[name] = d
     return out
 
 

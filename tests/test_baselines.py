@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from session_cache import shared_dir
 from torch import nn
 
 from diffcleanse import detection, encoders, inversion, models, patterns, perceptual, sampling
@@ -83,19 +84,17 @@ def official_tiny(request, tmp_path_factory, tiny_zoo):
     trigger = patterns.render_trigger(r["trigger"], size) + r["background"]
     target = patterns.render_target(r["target"], size)
     key = params_hash({**r, "base": tiny_zoo["recipe"]})
-    cache = getattr(request.config, "cache", None)
-    root = (cache.mkdir(f"tiny-official-{key}") if cache is not None
-            else tmp_path_factory.mktemp("tiny-official"))
-    out = root / "model"
-    if not (out / "unet" / "config.json").is_file():
-        unet, cfg = models.load_model(tiny_zoo["clean"])
-        sched = models.scheduler_from_config(cfg)
-        x, _ = data.load_digits(size)
-        spec = attacks.BackdoorSpec(trigger, target, r["poison_rate"])
-        tc = training.TrainConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"],
-                                  warmup_steps=20, seed=r["seed"])
-        ema, _ = training.train(unet, sched, x, tc, attack=spec, progress=False)
-        models.save_model(ema, sched, out)
+    with shared_dir(request, tmp_path_factory, f"tiny-official-{key}") as root:
+        out = root / "model"
+        if not (out / "unet" / "config.json").is_file():
+            unet, cfg = models.load_model(tiny_zoo["clean"])
+            sched = models.scheduler_from_config(cfg)
+            x, _ = data.load_digits(size)
+            spec = attacks.BackdoorSpec(trigger, target, r["poison_rate"])
+            tc = training.TrainConfig(steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"],
+                                      warmup_steps=20, seed=r["seed"])
+            ema, _ = training.train(unet, sched, x, tc, attack=spec, progress=False)
+            models.save_model(ema, sched, out)
     return {"dir": out, "trigger": trigger, "target": target}
 
 

@@ -299,7 +299,7 @@ def test_offline_hub_revision_that_is_not_cached_fails_at_once(model_dir, tmp_pa
     t0 = time.monotonic()
     with pytest.raises(models.ModelLoadError) as err:
         models.fetch("hub:test/tiny@v2", cache_dir=str(cache))
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 10  # the retry loop it guards against takes ~46 s
     msg = str(err.value)
     assert "test/tiny@v2" in msg and "HF_HUB_OFFLINE is set" in msg
     assert f"main -> {commit[:12]}" in msg and "local:<dir>" in msg
