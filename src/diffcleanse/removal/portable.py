@@ -6,7 +6,7 @@ shipped to people who do not install diffcleanse::
 
     import sys; sys.path.insert(0, "repaired")          # the model directory
     import load_pruned
-    pipe = load_pruned.load_pipeline("repaired")        # a diffusers DDPMPipeline
+    pipe = load_pruned.load_pipeline("repaired")        # DDPMPipeline (LDMPipeline, ...)
     images = pipe(batch_size=4).images
 
 The format (``diffcleanse-pruned-unet/1``)::
@@ -283,10 +283,52 @@ def load_unet(path: str | Path) -> UNet2DModel:
     return unet.eval()
 
 
-def load_pipeline(path: str | Path):
-    """A diffusers ``DDPMPipeline`` of the pruned model in ``path`` and its saved scheduler."""
-    from diffusers import DDPMPipeline, DDPMScheduler
+# What a model directory's model_index.json may name (anything else is refused, not imported):
+# the pipeline of each model type and the components it takes besides unet and scheduler.
+PIPELINES = {"DDPMPipeline": (), "ScoreSdeVePipeline": (), "LDMPipeline": ("vqvae",)}
+AUTOENCODERS = ("VQModel", "AutoencoderKL")
+DEFAULT_INDEX = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"]}
+
+
+def pipeline_index(path: str | Path) -> dict[str, Any]:
+    """The directory's ``model_index.json`` (a DDPM pipeline's when it has none), checked: a
+    known pipeline class, a diffusers scheduler class, and a known autoencoder where the
+    pipeline needs one."""
+    import diffusers
+    from diffusers import SchedulerMixin
 
     path = Path(path)
-    scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-    return DDPMPipeline(unet=load_unet(path), scheduler=scheduler)
+    f = path / "model_index.json"
+    index = json.loads(f.read_text()) if f.is_file() else dict(DEFAULT_INDEX)
+    cls = index.get("_class_name")
+    if cls not in PIPELINES:
+        raise PrunedFormatError(f"{f}: pipeline {cls!r} is not one of {', '.join(PIPELINES)}")
+    sched = (index.get("scheduler") or [None, None])[1]
+    sched_cls = getattr(diffusers, str(sched), None)
+    if not (isinstance(sched_cls, type) and issubclass(sched_cls, SchedulerMixin)):
+        raise PrunedFormatError(f"{f}: scheduler {sched!r} is not a diffusers scheduler class")
+    for name in PIPELINES[cls]:
+        kind = (index.get(name) or index.get("vae") or [None, None])[1]
+        if kind not in AUTOENCODERS:
+            raise PrunedFormatError(f"{f}: {cls} needs an autoencoder ({' or '.join(AUTOENCODERS)}"
+                                    f"), the index names {kind!r}")
+    return index
+
+
+def load_pipeline(path: str | Path):
+    """The diffusers pipeline of the pruned model in ``path``: the class its
+    ``model_index.json`` names (``DDPMPipeline`` when there is none; ``ScoreSdeVePipeline`` for
+    NCSN, ``LDMPipeline`` with its autoencoder for latent models), with its saved scheduler."""
+    import diffusers
+
+    path = Path(path)
+    index = pipeline_index(path)
+    parts: dict[str, Any] = {
+        "unet": load_unet(path),
+        "scheduler": getattr(diffusers, index["scheduler"][1]).from_pretrained(path / "scheduler"),
+    }
+    for name in PIPELINES[index["_class_name"]]:
+        folder = name if name in index else "vae"
+        kind = getattr(diffusers, index[folder][1])
+        parts[name] = kind.from_pretrained(path / folder, use_safetensors=True).eval()
+    return getattr(diffusers, index["_class_name"])(**parts)

@@ -6,8 +6,9 @@ the original config, the pruned safetensors weights and ``unet/pruned_shapes.jso
 documented in ``removal.portable``, the self-contained loader). ``models.load_model`` loads it by
 itself; ``write_bundle`` makes a repaired model loadable *without* diffcleanse: it copies the loader
 into the directory as ``load_pruned.py`` and writes a ``README.md`` with the one call to make (an
-unpruned model, e.g. after Elijah's removal, is a plain diffusers pipeline directory and gets a
-``model_index.json`` instead, so ``DDPMPipeline.from_pretrained`` loads it).
+unpruned model, e.g. after Elijah's removal, is a plain diffusers pipeline directory, so its type's
+pipeline, e.g. ``DDPMPipeline.from_pretrained``, loads it). Both get a ``model_index.json`` naming
+the pipeline, which the loader follows: NCSN and LDM models keep their type and autoencoder.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ Sampling a backdoor-free model needs no special settings; the saved scheduler sa
 """
 
 _HOW_PRUNED = """This model was pruned: its layer shapes differ from what `unet/config.json`
-builds, so `DDPMPipeline.from_pretrained` cannot load it. `load_pruned.py` (in this folder;
+builds, so `{pipeline}.from_pretrained` cannot load it. `load_pruned.py` (in this folder;
 needs only torch, diffusers and safetensors) rebuilds it from `unet/pruned_shapes.json` and
 loads the weights:
 
@@ -93,7 +94,7 @@ loads the weights:
 import sys
 sys.path.insert(0, "{path}")
 import load_pruned
-pipe = load_pruned.load_pipeline("{path}")     # a diffusers DDPMPipeline
+pipe = load_pruned.load_pipeline("{path}")     # a diffusers {pipeline}
 unet = load_pruned.load_unet("{path}")         # or just the UNet2DModel
 ```
 
@@ -103,8 +104,8 @@ With diffcleanse installed: `diffcleanse.models.load_pipeline("{path}")`.
 _HOW_PLAIN = """A plain diffusers pipeline directory:
 
 ```python
-from diffusers import DDPMPipeline
-pipe = DDPMPipeline.from_pretrained("{path}")
+from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained("{path}")
 ```
 
 With diffcleanse installed: `diffcleanse.models.load_pipeline("{path}")`.
@@ -115,8 +116,10 @@ def write_bundle(model_dir: str | Path, what: str = "",
                  final_dir: str | Path | None = None) -> dict[str, Any]:
     """Make a model directory (``unet/`` + ``scheduler/``) loadable without diffcleanse.
 
-    Pruned: copy the self-contained loader as ``load_pruned.py``. Unpruned: write
-    ``model_index.json`` (a diffusers pipeline directory). Both: a ``README.md`` with the call,
+    Both: a ``model_index.json`` naming the model type's pipeline (a DDPM pipeline's is written
+    when the directory has none; NCSN and LDM directories have theirs). Pruned: copy the
+    self-contained loader as ``load_pruned.py``. Unpruned: that is a diffusers pipeline
+    directory as it stands. Both: a ``README.md`` with the call,
     naming ``final_dir`` (where the directory will live, when written to a temporary place first).
     Returns what was written and how to load it.
     """
@@ -125,19 +128,20 @@ def write_bundle(model_dir: str | Path, what: str = "",
     model_dir = Path(model_dir)
     pruned = (model_dir / "unet" / PRUNED_SHAPES).is_file()
     shown = str(final_dir or model_dir)
-    if pruned:
-        (model_dir / LOADER).write_text(Path(portable.__file__).read_text())
-        how = _HOW_PRUNED.format(path=shown)
-        call = f'load_pruned.load_pipeline("{shown}")  (after sys.path.insert(0, "{shown}"))'
-    else:
+    if not (model_dir / "model_index.json").is_file():  # NCSN and LDM dirs have theirs
         import diffusers
 
-        index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
-                 "scheduler": ["diffusers", "DDPMScheduler"],
+        index = {**portable.DEFAULT_INDEX, "_diffusers_version": diffusers.__version__,
                  "unet": ["diffusers", "UNet2DModel"]}
         (model_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        how = _HOW_PLAIN.format(path=shown)
-        call = f'diffusers.DDPMPipeline.from_pretrained("{shown}")'
+    pipeline = portable.pipeline_index(model_dir)["_class_name"]
+    if pruned:
+        (model_dir / LOADER).write_text(Path(portable.__file__).read_text())
+        how = _HOW_PRUNED.format(path=shown, pipeline=pipeline)
+        call = f'load_pruned.load_pipeline("{shown}")  (after sys.path.insert(0, "{shown}"))'
+    else:
+        how = _HOW_PLAIN.format(path=shown, pipeline=pipeline)
+        call = f'diffusers.{pipeline}.from_pretrained("{shown}")'
     (model_dir / "README.md").write_text(_README.format(version=__version__, what=what, how=how))
     return {"dir": shown, "pruned": pruned, "portable_call": call,
             "diffcleanse_call": f'diffcleanse.models.load_pipeline("{shown}")',

@@ -62,10 +62,28 @@ def write_true_trigger(card_path: str | Path, out_path: str | Path,
     return list(r.shape)
 
 
+def _unclipped(sched_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The schedule with ``clip_sample`` off (a VE schedule has no such key and is kept as is)."""
+    if sched_cfg.get("_class_name") == "ScoreSdeVeScheduler" or "sigma_max" in sched_cfg:
+        return dict(sched_cfg)
+    return {**sched_cfg, "clip_sample": False}
+
+
 def repaired_scheduler(sched_cfg: dict[str, Any]):
     """The scheduler saved with a repaired model: the model's own schedule, ``clip_sample`` off
     (the attacks' sampling convention; a saved ``True`` would hide a surviving backdoor)."""
-    return models.scheduler_from_config({**sched_cfg, "clip_sample": False})
+    return models.scheduler_from_config(_unclipped(sched_cfg))
+
+
+def save_repaired(like: models.DiffusionModel, unet: torch.nn.Module, path: str | Path) -> None:
+    """Write ``unet`` as a repaired model of ``like``'s type: its schedule with ``clip_sample`` off
+    (``repaired_scheduler``); for NCSN and LDM models their layout, pipeline index and (LDM) the
+    autoencoder unchanged, so the repaired model samples images as the original did."""
+    if like.model_type == "ddpm":
+        models.save_model(unet, repaired_scheduler(like.scheduler_config), path)
+        return
+    models.DiffusionModel(unet, _unclipped(like.scheduler_config), like.model_type,
+                          like.vae).save(path)
 
 
 def load_images(path: str | Path) -> torch.Tensor:
@@ -85,21 +103,23 @@ def make_clean_data(model_dir: str | Path, out_path: str | Path, record_path: st
                     steps: int | None = None, batch_size: int = 256, seed: int = 0,
                     device: str = "cpu", progress: bool = True,
                     allow_pickle: bool = False) -> dict[str, Any]:
-    """Clean images for importance and fine-tuning: ``n`` samples of the model itself
-    (``synthetic``, data-free) or ``n`` images of its ``dataset`` drawn at random (``real``)."""
+    """Clean data for importance and fine-tuning, in the space the model denoises (an LDM's
+    latents): ``n`` samples of the model itself (``synthetic``, data-free) or ``n`` images of its
+    ``dataset`` drawn at random (``real``; encoded by the model's own map)."""
     t0 = time.time()
     if source not in DATA_SOURCES:
         raise ValueError(f"unknown clean-data source {source!r}: use {', '.join(DATA_SOURCES)}")
-    unet, sched_cfg = models.load_model(model_dir, device=device, allow_pickle=allow_pickle)
-    _, h, _ = _model_shape(unet)
+    dm = models.load_pipeline(model_dir, device=device, allow_pickle=allow_pickle)
+    unet, sched_cfg = dm.unet, dm.scheduler_config
     spec = sampling.SamplerSpec(name=sampler, steps=steps)
     if source == "synthetic":
         images = ft.synthesise(unet, sched_cfg, n, spec=spec, seed=seed, batch_size=batch_size,
                                progress=progress)
     else:
-        x, _ = data.load_dataset(dataset, h, data_root)
+        size = _model_shape(unet)[1] if dm.vae is None else _image_size(dm)
+        x, _ = data.load_dataset(dataset, size, data_root)
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-        images = x[pick]
+        images = dm.encode(x[pick]).cpu()
     with atomic_path(out_path) as tmp:
         save_file({"images": images.contiguous().float()}, str(tmp))
     params = {"source": source, "n": n, "dataset": dataset,
@@ -109,6 +129,13 @@ def make_clean_data(model_dir: str | Path, out_path: str | Path, record_path: st
                          n_images=len(images), shape=list(images.shape[1:]))
     write_json(record_path, record)
     return record
+
+
+def _image_size(dm: models.DiffusionModel) -> int:
+    """The image size an LDM's autoencoder decodes its latents to."""
+    with torch.no_grad():
+        z = torch.zeros((1, *dm.space_shape), device=dm.device)
+        return int(dm.decode(z).shape[-1])
 
 
 def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -198,10 +225,11 @@ def run_prune(model_dir: str | Path, importance_path: str | Path, out_dir: str |
     format (scheduler saved with ``clip_sample: false``)."""
     t0 = time.time()
     spec = spec or ScoreSpec()
-    unet, sched_cfg = models.load_model(model_dir, allow_pickle=allow_pickle)
+    dm = models.load_pipeline(model_dir, allow_pickle=allow_pickle)
+    unet = dm.unet
     rec = pruning.prune_unet(unet, _vectors(importance_path), strategy, ratio, groupnorm, spec)
     with atomic_path(out_dir) as tmp:
-        models.save_model(unet, repaired_scheduler(sched_cfg), tmp)
+        save_repaired(dm, unet, tmp)
     params = {"strategy": strategy, "ratio": ratio, "groupnorm": groupnorm,
               "scores": spec.describe()}
     record = make_record("prune", params, spec.seed, time.time() - t0, model_dir=str(model_dir),
@@ -223,16 +251,15 @@ def run_finetune(pruned_dir: str | Path, reference_dir: str | Path, data_path: s
     Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same parameters.
     """
     t0 = time.time()
-    unet, sched_cfg = models.load_model(pruned_dir)
-    scheduler = repaired_scheduler(sched_cfg)
+    dm = models.load_pipeline(pruned_dir)
+    unet, scheduler = dm.unet, repaired_scheduler(dm.scheduler_config)
     reference = (models.load_model(reference_dir, allow_pickle=allow_pickle)[0]
                  if cfg.loss == "p" else None)
     images = load_images(data_path)
     ema, hist = ft.finetune(unet, scheduler, images, cfg, reference=reference, seed=seed,
                             checkpoint_dir=checkpoint_dir, device=device, progress=progress,
                             stop_after=stop_after, extra=extra)
-    if not _save_if_finished(ema, scheduler, hist, out_dir,
-                             "Pruned by diffcleanse and fine-tuned."):
+    if not _save_if_finished(dm, ema, hist, out_dir, "Pruned by diffcleanse and fine-tuned."):
         return {"stopped_at": hist["stopped_at"], "steps": hist["steps"]}
     tail = hist["losses"][-100:]
     record = make_record(
@@ -246,14 +273,15 @@ def run_finetune(pruned_dir: str | Path, reference_dir: str | Path, data_path: s
     return record
 
 
-def _save_if_finished(ema: torch.nn.Module, scheduler: Any, hist: dict[str, Any],
+def _save_if_finished(like: models.DiffusionModel, ema: torch.nn.Module, hist: dict[str, Any],
                       out_dir: str | Path, note: str) -> bool:
-    """Write a finished fine-tuning's model (with its loading bundle) atomically and return True;
-    False, writing nothing, when the run stopped early (``stop_after``)."""
+    """Write a finished fine-tuning's model as a model of ``like``'s type (with its loading
+    bundle) atomically and return True; False, writing nothing, when the run stopped early
+    (``stop_after``)."""
     if hist["stopped_at"] < hist["steps"]:
         return False
     with atomic_path(out_dir) as tmp:
-        models.save_model(ema.cpu().eval(), scheduler, tmp)
+        save_repaired(like, ema.cpu().eval(), tmp)
         pruned_io.write_bundle(tmp, note, out_dir)
     return True
 
@@ -267,14 +295,14 @@ def run_elijah(model_dir: str | Path, data_path: str | Path, trigger_path: str |
     """Elijah's removal of one model (fine-tuning against the frozen model, no pruning); the
     result is saved as a plain diffusers pipeline directory."""
     t0 = time.time()
-    unet, sched_cfg = models.load_model(model_dir, allow_pickle=allow_pickle)
-    scheduler = repaired_scheduler(sched_cfg)
+    dm = models.load_pipeline(model_dir, allow_pickle=allow_pickle)
+    unet, scheduler = dm.unet, repaired_scheduler(dm.scheduler_config)
     trigger = load_trigger(trigger_path, _model_shape(unet))
     images = load_images(data_path)
     ema, hist = elijah.repair(unet, scheduler, images, trigger, cfg, seed=seed,
                               checkpoint_dir=checkpoint_dir, device=device, progress=progress,
                               stop_after=stop_after, extra=extra)
-    if not _save_if_finished(ema, scheduler, hist, out_dir,
+    if not _save_if_finished(dm, ema, hist, out_dir,
                              "Repaired by Elijah's removal loss (diffcleanse)."):
         return {"stopped_at": hist["stopped_at"], "steps": hist["steps"]}
     tail = {k: sum(v[-100:]) / max(1, len(v[-100:])) for k, v in hist["parts"].items()}
@@ -313,7 +341,8 @@ def repair_model(model_dir: str | Path, trigger: torch.Tensor | str | Path, out_
     t0 = time.time()
     method = methods.get(strategy)
     spec = spec or ScoreSpec(seed=seed)
-    unet, sched_cfg = models.load_model(model_dir, device=device, allow_pickle=allow_pickle)
+    dm = models.load_pipeline(model_dir, device=device, allow_pickle=allow_pickle)
+    unet, sched_cfg = dm.unet, dm.scheduler_config
     scheduler = repaired_scheduler(sched_cfg)
     shape = _model_shape(unet)
     r = trigger if isinstance(trigger, torch.Tensor) else load_trigger(trigger, shape)
@@ -362,7 +391,7 @@ def repair_model(model_dir: str | Path, trigger: torch.Tensor | str | Path, out_
         what = f"Repaired by {method.label}: nothing pruned."
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
-        models.save_model(ema.cpu().eval(), scheduler, tmp)
+        save_repaired(dm, ema.cpu().eval(), tmp)
         bundle = pruned_io.write_bundle(tmp, what, out_dir)
         params = {"strategy": strategy, "ratio": ratio if method.prunes else 0.0,
                   "loss": loss if method.prunes else "elijah", "groupnorm": groupnorm,
