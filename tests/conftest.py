@@ -12,18 +12,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """Groups for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): each test file runs
     whole on one worker, so its module fixtures are built once; every test that uses the smoke
     run or the SLURM cluster joins one group, so the smoke run is made once and one test at a time
-    submits to the cluster. Without xdist the marks do nothing."""
-    for item in items:
-        if "smoke_run" in item.fixturenames or item.get_closest_marker("slurm"):
-            group = "workflow"
-        else:
-            group = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    submits to the cluster. Marked as each test is collected, before xdist reads the marks (in
+    its own ``pytest_collection_modifyitems``). Without xdist the marks do nothing."""
+    if "smoke_run" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slurm"):
+        group = "workflow"
+    else:
+        group = item.nodeid.split("::")[0]
+    item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
