@@ -25,11 +25,11 @@ run: env
 	$(UV) run --no-sync snakemake --cores $(CORES)
 
 # Two pytest-xdist workers: a test file runs whole on one worker, the tests that share the smoke
-# run and the SLURM cluster run on one worker together (tests/conftest.py), so nothing is built
-# twice; the in-process tests use one torch thread each, so two workers fill two cores.
+# run and the SLURM cluster run on one worker together, first (tests/conftest.py), so nothing is
+# built twice; the in-process tests use one torch thread each, so two workers fill two cores.
 TEST_WORKERS ?= 2
 test: env
-	$(UV) run --no-sync pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(UV) run --no-sync pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 lint: env
 	$(UV) run --no-sync ruff check .
