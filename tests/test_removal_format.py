@@ -8,22 +8,14 @@ import time
 
 import pytest
 import torch
+from blocked_import import BLOCK_DIFFCLEANSE
 from safetensors.torch import load_file, save_file
 
 from diffcleanse import models
 from diffcleanse.removal import importance as imp
 from diffcleanse.removal import portable, pruned_io, pruning
 
-_BLOCK = """
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "diffcleanse" or name.startswith("diffcleanse."):
-            raise ImportError("diffcleanse is blocked in this test")
-sys.meta_path.insert(0, _Block())
-"""
-
-_PORTABLE = _BLOCK + """
+_PORTABLE = BLOCK_DIFFCLEANSE + """
 import sys, torch
 torch.set_num_threads(1)  # as the test process (conftest): the same reduction order
 from safetensors.torch import load_file, save_file

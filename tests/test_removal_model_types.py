@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from blocked_import import BLOCK_DIFFCLEANSE
 from safetensors.torch import load_file, save_file
 
 from diffcleanse import data, models
@@ -19,13 +20,8 @@ from diffcleanse.removal.methods.elijah import ElijahConfig
 ARCH = {"block_out_channels": (8, 16), "norm_num_groups": 4, "attention_head_dim": 4}
 PIPELINE = {"ldm": "LDMPipeline", "ncsn": "ScoreSdeVePipeline"}
 
-_PORTABLE = """
-import importlib.abc, json, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "diffcleanse" or name.startswith("diffcleanse."):
-            raise ImportError("diffcleanse is blocked in this test")
-sys.meta_path.insert(0, _Block())
+_PORTABLE = BLOCK_DIFFCLEANSE + """
+import json, sys
 import torch
 torch.set_num_threads(1)
 from safetensors.torch import load_file, save_file
