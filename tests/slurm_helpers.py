@@ -40,10 +40,20 @@ CLUSTER_PROFILE = REPO_ROOT / "profiles" / "slurm"
 
 _UP_STATES = {"idle", "mixed", "allocated", "completing"}
 _SUBMITTED = re.compile(
-    r"Job (?P<job>\d+) has been submitted with SLURM jobid (?P<slurm>\d+) \(log: (?P<log>[^)]*)\)"
+    r"Job (?P<job>\S+) has been submitted with SLURM jobid (?P<slurm>\d+) \(log: (?P<log>[^)]*)\)"
 )
 _RUN_ID = re.compile(r"SLURM run ID: (\S+)")
 _ERROR_IN_RULE = re.compile(r"^Error in rule (\S+):", re.MULTILINE)
+
+
+def _rules_of(name: str, log: Path) -> str:
+    """The rules of one submission, as ``_rule_`` or ``_rule_rule_..._`` for a group job. A
+    rule's SLURM log lies under ``rule_<rule>/``, a group job's under
+    ``group_<group>_<rule>_<rule>...`` (shortened with ``...`` when long; the profile's group
+    names have no ``_``)."""
+    if any(p.startswith("group_") for p in log.parts):
+        name = name.split("_", 1)[1] if "_" in name else ""
+    return f"_{name}_"
 
 
 class SnakemakeTimeout(AssertionError):
@@ -130,7 +140,9 @@ class SnakemakeRun:
         return [jobid for _, jobid, _ in self.submissions]
 
     def jobids_of(self, rule: str) -> list[str]:
-        return [jobid for r, jobid, _ in self.submissions if r == rule]
+        """SLURM job ids of the submissions that ran ``rule`` (on its own or in a group job)."""
+        return [jobid for name, jobid, log in self.submissions
+                if f"_{rule}_" in _rules_of(name, log)]
 
     @property
     def failed_rules(self) -> list[str]:

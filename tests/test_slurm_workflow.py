@@ -36,7 +36,9 @@ def test_every_gpu_rule_is_overridden_in_the_cpu_test_profile():
 def test_smoke_workflow_through_slurm_matches_the_local_run(smoke_run, tmp_path):
     """The smoke workflow's first stages for two models (training, the classifier, trigger
     inversion, the per-method and the combined verdicts) through sbatch: the same files as the
-    local run, model weights byte for byte. (The whole smoke DAG through
+    local run, model weights byte for byte, in the profile's job groups (one submission for the
+    classifier, then two per model: its model group and its detection group, which runs the
+    checkpoint `detect` and its inputs in one allocation). (The whole smoke DAG through
     SLURM took as long as the local run again, about half of CI's budget; every rule's resources are
     checked by the profile test above, and the slurm-marked fault test requeues a job.)"""
     require_slurm()
@@ -44,7 +46,12 @@ def test_smoke_workflow_through_slurm_matches_the_local_run(smoke_run, tmp_path)
     models = ("smoke-clean", "smoke-bd")
     targets = [f"results/detection/{m}/verdict.json" for m in models]
     run = run_with_profile(wd, targets, configfiles=["config/smoke.yaml"], timeout=2400).check()
-    assert len(run.slurm_jobids) >= 4  # every non-local job went through sbatch
+    subs = [rule for rule, _, _ in run.submissions]  # a group's log is group_<name>_<rules>
+    assert len(subs) == 1 + 2 * len(models), subs
+    assert sum(s.startswith("train_classifier") for s in subs) == 1, subs
+    for model in models:
+        for group in ("model", "detect"):
+            assert sum(s.startswith(f"{group}-{model}_") for s in subs) == 1, (model, subs)
     for model in models:
         weights = f"results/models/{model}/model/unet/diffusion_pytorch_model.safetensors"
         assert file_digest(wd / weights) == file_digest(smoke_run / weights), model

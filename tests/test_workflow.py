@@ -1,6 +1,7 @@
 """The workflow end to end on the smoke config, in a temporary copy of the repository."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -195,12 +196,45 @@ def test_lint_is_clean():
     assert "Lints for" not in proc.stdout, proc.stdout
 
 
-def test_paper_manifest_builds_its_dag_quickly(tmp_path):
+PER_MODEL_GROUPS = {"model", "detect", "remove"}  # the chain; "ablation" where the config asks
+
+
+def test_paper_run_submits_three_slurm_jobs_per_model(tmp_path):
+    """The paper's 373-model plan builds its DAG, and through the cluster profile's groups each
+    model's chain is three SLURM submissions (model, detection, removal), plus one for the
+    removal ablation on the models the config lists; only the rules over the whole zoo run on
+    their own. Read from the dry run, as Snakemake would submit it (``-n`` contacts no cluster)."""
+    from collections import defaultdict
+
+    from workflow_helpers import dry_run_jobs
+
     wd = workdir_copy(tmp_path)
-    proc = run_snakemake(
-        wd, "-n", "--quiet", "rules", "--configfile", "config/paper.yaml", timeout=300
-    )
-    assert "train_model" in proc.stdout and "fetch_model" in proc.stdout
+    proc = run_snakemake(wd, "-n", "--profile", "profiles/slurm", "--configfile",
+                         "config/paper.yaml", timeout=600)
+    jobs = dry_run_jobs(proc.stdout + proc.stderr)
+    rules = {rule for _, rule, _ in jobs}
+    assert {"train_model", "fetch_model", "invert_trigger", "finetune"} <= rules
+    groups: dict[str, set[str]] = defaultdict(set)
+    ablated = set()
+    for group, rule, wc in jobs:
+        if "model" not in wc:  # over the zoo (tables, figures, classifiers): its own job
+            assert group is None, (group, rule)
+            continue
+        assert group is not None, (rule, wc)  # every per-model job is in a group ...
+        kind, model = group.split("-", 1)
+        assert model == wc["model"], (group, rule, wc)  # ... of its own model
+        assert "#" not in model, f"{group}: a group that falls apart into two submissions"
+        groups[model].add(kind)
+        ablated |= {model} if kind == "ablation" else set()
+    from diffcleanse.manifest import load_manifest
+
+    assert len(groups) == len(load_manifest(wd / "config/paper/manifest.tsv")) >= 373
+    for model, kinds in groups.items():
+        assert kinds - {"ablation"} <= PER_MODEL_GROUPS, (model, kinds)
+    assert 0 < len(ablated) < len(groups)
+    ungrouped = sum(1 for g, _, _ in jobs if g is None)  # an upper bound: some are localrules
+    submissions = sum(len(k) for k in groups.values()) + ungrouped
+    assert len(jobs) > 5 * submissions  # measured: 8,008 jobs, 1,134 groups, 17 ungrouped
 
 
 def _job_counts(stdout):
@@ -338,3 +372,19 @@ def test_run_cost_sums_the_benchmark_files_of_a_run(smoke_run):
     first = text.splitlines()[2].split(" | ")[0].strip("| ")
     assert first == max(costs, key=lambda r: costs[r].cpu)
     assert f"{sum(c.jobs for c in costs.values())} jobs" in text
+
+
+def test_the_cpu_test_profile_groups_jobs_as_the_cluster_profile():
+    """The SLURM tests run profiles/slurm-cpu-test; its job groups and GPU scope must be the
+    cluster profile's, so that what they check is what a cluster gets."""
+    import yaml
+
+    cluster = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    test = yaml.safe_load((REPO / "profiles/slurm-cpu-test/config.yaml").read_text())
+    for key in ("groups", "resources", "set-resource-scopes"):
+        assert test[key] == cluster[key], key
+    assert cluster["resources"] == ["gpu=1"] and cluster["set-resource-scopes"] == ["gpu=local"]
+    assert 1 <= test["cores"] <= cluster["cores"]
+    rules = set(re.findall(r"^(?:rule|checkpoint) (\w+):", "\n".join(
+        p.read_text() for p in (REPO / "workflow/rules").glob("*.smk")), re.M))
+    assert set(cluster["groups"]) <= rules, set(cluster["groups"]) - rules

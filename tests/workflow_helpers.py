@@ -70,3 +70,35 @@ def changed_config(wd: Path, name: str, **changes) -> str:
         node[last] = value
     (wd / f"config/{name}.yaml").write_text(yaml.safe_dump(cfg))
     return f"config/{name}.yaml"
+
+
+_GROUP = re.compile(r"Group job (\S+) \(jobs in lexicogr\. order\):$")
+_RULE_LINE = re.compile(r"^( *)(?:local)?(?:rule|checkpoint) (\w+):$")
+
+
+def dry_run_jobs(text: str) -> list[tuple[str | None, str, dict[str, str]]]:
+    """Every job a dry run (``snakemake -n``, not ``--quiet``) prints, as (group job name or None,
+    rule, wildcards). Snakemake prints a group job as ``Group job NAME (...)`` followed by its
+    jobs indented by four spaces; a job printed at the margin belongs to no group. Two group jobs
+    may share a name (disconnected parts of the DAG in the same group), so each ``Group job``
+    line starts a new one: the name is suffixed with ``#n`` from its second occurrence on."""
+    out: list[tuple[str | None, str, dict[str, str]]] = []
+    group: str | None = None
+    seen: dict[str, int] = {}
+    current: list | None = None
+    for line in text.splitlines():
+        if m := _GROUP.search(line):
+            name = m.group(1)
+            seen[name] = seen.get(name, 0) + 1
+            group = name if seen[name] == 1 else f"{name}#{seen[name]}"
+            continue
+        if m := _RULE_LINE.match(line):
+            if not m.group(1):
+                group = None
+            current = [group, m.group(2), {}]
+            out.append(current)
+            continue
+        if current is not None and line.strip().startswith("wildcards: "):
+            pairs = line.strip()[len("wildcards: "):].split(", ")
+            current[2] = dict(p.split("=", 1) for p in pairs if "=" in p)
+    return [tuple(j) for j in out]
