@@ -15,10 +15,12 @@ torch.set_num_threads(1)
 def pytest_itemcollected(item):
     """Groups for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): each test file runs
     whole on one worker, so its module fixtures are built once; every test that uses the smoke
-    run or the SLURM cluster joins one group, so the smoke run is made once and one test at a time
-    submits to the cluster. Marked as each test is collected, before xdist reads the marks (in
-    its own ``pytest_collection_modifyitems``). Without xdist the marks do nothing."""
-    if "smoke_run" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slurm"):
+    run joins one group, so the smoke run is made once. Tests that submit to the SLURM cluster
+    hold ``slurm_helpers.cluster_lock`` instead of sharing a group, so the cluster tests that need
+    no smoke run (tests/test_slurm.py) run on the other worker, one test at a time on the cluster.
+    Marked as each test is collected, before xdist reads the marks (in its own
+    ``pytest_collection_modifyitems``). Without xdist the marks do nothing."""
+    if "smoke_run" in getattr(item, "fixturenames", ()):
         group = "workflow"
     else:
         group = item.nodeid.split("::")[0]
@@ -34,6 +36,17 @@ def pytest_collection_modifyitems(config, items):
     it at once while the other takes the files in order; ``make test`` passes
     ``--no-loadscope-reorder`` so that xdist keeps this order). Stable: files keep their order."""
     items.sort(key=lambda item: not _in_workflow_group(item))
+
+
+@pytest.fixture
+def cluster():
+    """The local SLURM cluster, held for this test alone (``slurm_helpers.cluster_lock``); skips
+    the test, with the reason, when no cluster answers."""
+    from slurm_helpers import cluster_lock, require_slurm
+
+    require_slurm()
+    with cluster_lock():
+        yield
 
 
 @pytest.fixture

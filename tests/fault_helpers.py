@@ -455,6 +455,17 @@ def heavy_victims(jobs: Iterable[Job]) -> list[Job]:
 _MEMO: dict[str, KilledRun] = {}
 
 
+def complete_checkpoint(folder: Path) -> bool:
+    """``folder`` holds a finished checkpoint file: one that is neither a temporary being written
+    (``*.tmp``, which ``training._save_checkpoint`` renames when complete) nor hidden
+    (``records.atomic_path``'s ``.<name>.*.tmp``). A kill while only a temporary exists leaves
+    nothing to resume, so it is not yet "after the first checkpoint"."""
+    if not folder.is_dir():
+        return False
+    return any(f.is_file() and not f.name.startswith(".") and not f.name.endswith(".tmp")
+               for f in folder.iterdir())
+
+
 def killed_and_resumed_run(reference: Path, dest: Path, config: str = "config/smoke.yaml",
                            frac: float = 0.5, max_passes: int = 8) -> KilledRun:
     """A fresh copy of the workflow run with ``config`` for one job of every stage and what it
@@ -501,8 +512,7 @@ def killed_and_resumed_run(reference: Path, dest: Path, config: str = "config/sm
                     continue
                 ref = reference_seconds(reference, job)
                 if ckpts[log]:  # after its first checkpoint: the rerun must resume from it
-                    ready = any((wd / c).is_dir() and any(f.is_file() for f in (wd / c).iterdir())
-                                for c in ckpts[log])
+                    ready = any(complete_checkpoint(wd / c) for c in ckpts[log])
                 else:
                     ready = age >= frac * ref
                 if not ready:

@@ -23,14 +23,16 @@ cancels its SLURM jobs) and its leftover jobs are cancelled by run ID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,21 @@ def _rules_of(name: str, log: Path) -> str:
     if any(p.startswith("group_") for p in log.parts):
         name = name.split("_", 1)[1] if "_" in name else ""
     return f"_{name}_"
+
+
+# One lock for the machine's one cluster: every test that submits to it holds the lock, so tests
+# on different pytest-xdist workers (or in two pytest runs) never queue jobs beside each other on
+# its two CPUs, where a job left pending would look like a hang.
+CLUSTER_LOCK = Path(tempfile.gettempdir()) / "diffcleanse-slurm-tests.lock"
+
+
+@contextlib.contextmanager
+def cluster_lock() -> Iterator[None]:
+    """Hold the local SLURM cluster for the caller (blocking until no other test holds it)."""
+    from filelock import FileLock
+
+    with FileLock(str(CLUSTER_LOCK)):
+        yield
 
 
 class SnakemakeTimeout(AssertionError):

@@ -169,10 +169,9 @@ def test_a_full_disk_leaves_no_half_written_file_and_names_the_path(smoke_run, t
 
 
 @pytest.mark.slurm
-def test_a_requeued_slurm_job_resumes_from_its_checkpoint(smoke_run, tmp_path):
-    from slurm_helpers import CPU_TEST_PROFILE, require_slurm, scontrol_job
+def test_a_requeued_slurm_job_resumes_from_its_checkpoint(smoke_run, cluster, tmp_path):
+    from slurm_helpers import CPU_TEST_PROFILE, scontrol_job
 
-    require_slurm()
     wd = _copy_run(smoke_run, tmp_path / "wd")
     model = "smoke-clean"
     for p in (f"results/models/{model}/model", f"results/models/{model}/card.json",

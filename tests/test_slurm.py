@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from slurm_helpers import (
     CLUSTER_PROFILE,
     CPU_TEST_PROFILE,
     SnakemakeRun,
+    cluster_lock,
     differing_files,
     require_slurm,
     run_snakemake,
@@ -36,8 +38,12 @@ GPU_RULES = ["train_model", "invert_trigger", "importance", "finetune", "evaluat
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster() -> None:
+def slurm_cluster() -> Iterator[None]:
+    """The cluster, held by this module while its tests run (``cluster_lock``: the smoke-run
+    tests of the other xdist worker submit to it too)."""
     require_slurm()
+    with cluster_lock():
+        yield
 
 
 def _copy_toy(dest: Path) -> Path:

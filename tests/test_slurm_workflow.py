@@ -9,7 +9,7 @@ import json
 import re
 
 import pytest
-from slurm_helpers import require_slurm, run_with_profile
+from slurm_helpers import run_with_profile
 from workflow_helpers import file_digest, workdir_copy
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -33,7 +33,7 @@ def test_every_gpu_rule_is_overridden_in_the_cpu_test_profile():
     assert gpu_rules and gpu_rules <= overridden, gpu_rules - overridden
 
 
-def test_smoke_workflow_through_slurm_matches_the_local_run(smoke_run, tmp_path):
+def test_smoke_workflow_through_slurm_matches_the_local_run(smoke_run, cluster, tmp_path):
     """The smoke workflow's first stages for two models (training, the classifier, trigger
     inversion, the per-method and the combined verdicts) through sbatch: the same files as the
     local run, model weights byte for byte, in the profile's job groups (one submission for the
@@ -41,7 +41,6 @@ def test_smoke_workflow_through_slurm_matches_the_local_run(smoke_run, tmp_path)
     checkpoint `detect` and its inputs in one allocation). (The whole smoke DAG through
     SLURM took as long as the local run again, about half of CI's budget; every rule's resources are
     checked by the profile test above, and the slurm-marked fault test requeues a job.)"""
-    require_slurm()
     wd = workdir_copy(tmp_path / "wd")
     models = ("smoke-clean", "smoke-bd")
     targets = [f"results/detection/{m}/verdict.json" for m in models]
