@@ -91,6 +91,9 @@ def test_stage2_finetuning_budget(merged, rows):
     ft = rem["finetune"]
     assert rem["clean_data"] == "synthetic" and rem["synthetic_scale"] == 1.0
     assert ft["epochs"] == 40 and ft["lr"] == 2e-4 and "p" in ft["losses"]
+    # the removal ablation fine-tunes with removal.finetune under its own overrides: after the
+    # merge those must not keep config.yaml's CPU budget (an empty {} in paper.yaml did)
+    assert {**ft, **rem["ablation"]["finetune"]}["epochs"] == 40
     images = {"cifar10": 6000, "celeba": 6000, "celebahq": 3000}
     batch = {32: 128, 64: 50, 256: 16}
     for r in rows:
