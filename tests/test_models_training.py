@@ -130,3 +130,31 @@ def test_training_resumes_exactly_after_a_stop(tmp_path, tiny_unet):
         tiny_unet, sched, x, other, progress=False, checkpoint_dir=tmp_path / "ck", stop_after=1
     )
     assert h3["resumed_from"] == 0  # a checkpoint of other parameters is not resumed
+
+
+def test_a_resumed_training_reports_the_attacks_statistics_of_every_step(tmp_path, tiny_unet):
+    """The adaptive attack logs its activation gap per step; the card's ``final_activation_gap``
+    averages them. A resumed run must carry the steps before its checkpoint (a CI run of f5633fd
+    found the card of a killed and resumed ``train_adaptive`` job differing in that mean)."""
+    x, _ = data.load_digits(8)
+    sched = models.build_scheduler(20)
+    params = {"base": "baddiffusion", "lambda": 0.5, "layers": "", "psi": 1.0, "solver": "sde"}
+    spec = attacks.BackdoorSpec(patterns.render_trigger("box_14", 8),
+                                patterns.render_target("hat", 8), 0.5, "adaptive", params)
+    cfg = training.TrainConfig(steps=8, batch_size=4, checkpoint_every=4, seed=3, warmup_steps=2)
+    init = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+
+    def fresh():
+        m = tiny_unet.__class__.from_config(tiny_unet.config)
+        m.load_state_dict(init)
+        return m
+
+    _, full = training.train(fresh(), sched, x, cfg, attack=spec, progress=False)
+    assert len(full["stats"]["activation_gap"]) == 8
+    training.train(fresh(), sched, x, cfg, attack=spec, progress=False,
+                   checkpoint_dir=tmp_path / "ck", stop_after=4)
+    _, resumed = training.train(fresh(), sched, x, cfg, attack=spec, progress=False,
+                                checkpoint_dir=tmp_path / "ck")
+    assert resumed["resumed_from"] == 4
+    assert resumed["stats"]["activation_gap"] == pytest.approx(full["stats"]["activation_gap"],
+                                                               rel=1e-5)

@@ -71,10 +71,12 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _save_checkpoint(
-    ckpt_dir: Path, step: int, model, ema, opt, cfg: TrainConfig, losses: list[float]
+    ckpt_dir: Path, step: int, model, ema, opt, cfg: TrainConfig, losses: list[float],
+    stats: dict[str, list[float]] | None = None,
 ) -> None:
     """One atomic unit: ``state.safetensors`` holds the tensors *and* the step, the parameter
-    fingerprint, the losses and a digest of the tensors in its metadata, written to a temporary
+    fingerprint, the losses (and the attack's per-step ``stats``, so a resumed run reports the
+    same final statistics) and a digest of the tensors in its metadata, written to a temporary
     file and renamed. ``state.json`` is a readable copy of the metadata (written after)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
@@ -85,7 +87,10 @@ def _save_checkpoint(
     meta = {"format": CHECKPOINT_FORMAT, "step": step, "fingerprint": cfg.fingerprint(),
             "digest": _digest(tensors)}
     tmp = ckpt_dir / "state.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "losses": json.dumps(losses)})
+    extra = {"losses": json.dumps(losses)}
+    if stats is not None:
+        extra["stats"] = json.dumps(stats)
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), **extra})
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, ckpt_dir / "state.safetensors")
@@ -119,12 +124,15 @@ def _read_checkpoint(st_file: Path, meta_file: Path) -> tuple[dict[str, Any], li
         if side.get("step") != meta["step"] or side.get("digest") != meta["digest"]:
             raise TornCheckpoint(f"{meta_file} says step {side.get('step')}, the weights in "
                                  f"{st_file.name} are of step {meta['step']}")
+    meta["stats"] = json.loads(raw.get("stats", "{}"))
     return meta, json.loads(raw.get("losses", "[]")), t
 
 
-def _load_checkpoint(ckpt_dir: Path, model, ema, opt, cfg: TrainConfig) -> tuple[int, list[float]]:
+def _load_checkpoint(ckpt_dir: Path, model, ema, opt, cfg: TrainConfig,
+                     stats: dict[str, list[float]] | None = None) -> tuple[int, list[float]]:
     """Resume state from ``ckpt_dir``: (step, losses), or (0, []) when there is nothing to resume
-    (no checkpoint, other parameters, or a torn checkpoint: detected, logged, not resumed)."""
+    (no checkpoint, other parameters, or a torn checkpoint: detected, logged, not resumed).
+    ``stats``, when given, is filled with the checkpoint's per-step attack statistics."""
     meta_file, st_file = ckpt_dir / "state.json", ckpt_dir / "state.safetensors"
     if not st_file.is_file():
         return 0, []
@@ -146,6 +154,8 @@ def _load_checkpoint(ckpt_dir: Path, model, ema, opt, cfg: TrainConfig) -> tuple
             state.setdefault(int(i), {})[name] = v
     sd["state"] = state
     opt.load_state_dict(sd)
+    if stats is not None:
+        stats.update({k: list(v) for k, v in meta["stats"].items()})
     log.info("resumed from %s at step %d", ckpt_dir, meta["step"])
     return int(meta["step"]), list(losses)
 
@@ -192,10 +202,10 @@ def train(
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    start, losses = _load_checkpoint(ckpt, model, ema, opt, cfg) if ckpt else (0, [])
+    stats: dict[str, list[float]] = {}
+    start, losses = _load_checkpoint(ckpt, model, ema, opt, cfg, stats) if ckpt else (0, [])
     data = data.to(device)
     T = process.T
-    stats: dict[str, list[float]] = {}
     bar = tqdm(
         range(start, cfg.steps),
         initial=start,
@@ -243,7 +253,7 @@ def train(
             or done == cfg.steps
             or (stop_after is not None and done >= stop_after)
         ):
-            _save_checkpoint(ckpt, done, model, ema, opt, cfg, losses)
+            _save_checkpoint(ckpt, done, model, ema, opt, cfg, losses, stats)
         if stop_after is not None and done >= stop_after and done < cfg.steps:
             return ema, {"losses": losses, "stopped_at": done, "resumed_from": start,
                          "stats": stats}
