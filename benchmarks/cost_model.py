@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK_FOLDERS = {"train_adaptive": "train_model"}  # results/benchmarks/train_model/<id>.tsv
 sys.path.insert(0, str(REPO / "src"))
+
+from run_cost import read_costs  # noqa: E402  (benchmarks/run_cost.py, beside this script)
 
 from diffcleanse import cost_model  # noqa: E402
 from diffcleanse.manifest import load_manifest  # noqa: E402
@@ -55,20 +56,6 @@ def measured_overhead() -> float:
     subprocess.run([sys.executable, "-c", "import diffcleanse.evaluation, diffcleanse.models"],
                    check=True, cwd=REPO)
     return time.perf_counter() - t0
-
-
-def run_costs(root: Path) -> dict[str, tuple[int, float]]:
-    """Rule -> (jobs, wall seconds summed) from a run's benchmark files (the last row of each)."""
-    out: dict[str, tuple[int, float]] = {}
-    for tsv in sorted(root.rglob("*.tsv")):
-        rel = tsv.relative_to(root)
-        rule = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-        with tsv.open(newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-        if rows:
-            jobs, wall = out.get(rule, (0, 0.0))
-            out[rule] = (jobs + 1, wall + float(rows[-1]["s"]))
-    return out
 
 
 def _rates_table(rates: dict[str, cost_model.Rate], archs: dict) -> str:
@@ -128,7 +115,8 @@ def main() -> None:
             {"name": name, "max_batch": a.max_batch,
              "rates": {k: vars(v) for k, v in rates.items()}}, indent=1))
 
-    measured = run_costs(Path(a.check)) if a.check else {}
+    measured = ({rule: (c.jobs, c.wall) for rule, c in read_costs(Path(a.check)).items()}
+                if a.check else {})
     # rules that write their benchmark files under another rule's folder
     for rule, folder in BENCHMARK_FOLDERS.items():
         if measured and rule not in measured:
@@ -137,8 +125,9 @@ def main() -> None:
                     w.rule = folder
     overhead = a.job_overhead
     if overhead is None and measured:
+        modelled = cost_model.jobs_by_rule(plan)
         light = [wall / jobs for rule, (jobs, wall) in measured.items()
-                 if rule not in cost_model.jobs_by_rule(plan) or rule in ("prune", "fetch_model")]
+                 if rule not in modelled or rule in ("prune", "fetch_model")]
         overhead = statistics.median(light) if light else measured_overhead()
     elif overhead is None:
         overhead = measured_overhead()
