@@ -444,3 +444,58 @@ def test_zeroth_order_costs_2k_plus_1_passes_and_no_backward(tiny_zoo):
                   zo_directions=2, early_stop=False)
     assert res.unet_rows == 2 * 50 * 4 * 5 and res.iterations == 2
     assert [row["zo_resolution"] for row in res.history] == [2, 2]
+
+
+def test_exploration_settings_are_checked():
+    for bad, match in (({"explore": -1}, "explore"), ({"explore_scale": 0}, "explore_scale"),
+                       ({"explore_resolutions": [0]}, "explore_resolutions")):
+        with pytest.raises(ValueError, match=match):
+            inversion.BBTISpec(**bad)
+
+
+def test_exploration_pool_starts_with_the_init_and_is_constant_per_cell():
+    from diffcleanse.inversion import bbti
+
+    spec = inversion.BBTISpec(explore=5, explore_scale=0.5, explore_resolutions=(1, 2),
+                              trigger_bound=2.0)
+    r0 = torch.randn(1, 3, 8, 8)
+    pool, grids = bbti.explore_candidates(spec, r0, torch.Generator().manual_seed(0))
+    assert pool.shape == (5, 3, 8, 8) and grids == [0, 1, 2, 1, 2]
+    assert torch.equal(pool[0], r0[0].clamp(-2, 2))
+    assert torch.equal(pool[1], pool[1, :, :1, :1].expand(-1, 8, 8))  # one value per channel
+    assert torch.equal(pool[2, :, :4, :4], pool[2, :, :1, :1].expand(-1, 4, 4))
+    assert pool[1:].abs().max() <= 0.5
+    again, _ = bbti.explore_candidates(spec, r0, torch.Generator().manual_seed(0))
+    assert torch.equal(pool, again)
+
+
+def test_exploration_samples_its_pool_then_starts_from_the_best(tiny_zoo):
+    res = _invert(tiny_zoo["clean"], 0.9, max_iters=2, batch_size=4, explore=3,
+                  early_stop=False)
+    rows = res.history
+    assert [r.get("phase") for r in rows] == ["explore"] * 3 + [None] * 2
+    assert res.unet_rows == (3 + 2) * 50 * 4 and res.iterations == 2
+    assert res.details["explore_candidates"] == 3
+    best = min(rows[:3], key=lambda r: (-r["mscr"], r["loss"]))
+    assert rows[3]["trigger_norm"] == pytest.approx(best["trigger_norm"], rel=1e-5)
+
+
+def test_a_candidate_that_reaches_kappa_d_flags_before_any_step(tiny_zoo):
+    # κ_d below 1/B: any in-band candidate is a cluster of at least one sample out of B
+    res = _invert(tiny_zoo["clean"], 0.01, max_iters=4, batch_size=4, explore=3, init_scale=0.1)
+    assert res.stopped_early and res.iterations == 0 and res.verdict["backdoored"]
+    assert len(res.history) == 1 and res.history[0]["candidate"] == 0
+    # the pool is sampled in one batch (up to 8 candidates); the verdict reuses the flagged samples
+    assert res.unet_rows == 3 * 50 * 4
+
+
+def test_batched_restarts_with_exploration_give_the_results_of_one_by_one(tiny_zoo):
+    kw = {"max_iters": 6, "restarts": 2, "gradient": "zeroth_order", "batch_size": 8,
+          "seed": 5, "zo_directions": 2, "explore": 3}
+    a = _invert(tiny_zoo["backdoored"], 0.3, batched=True, **kw)
+    b = _invert(tiny_zoo["backdoored"], 0.3, batched=False, **kw)
+    assert a.stopped_early == b.stopped_early and a.verdict["mscr"] == b.verdict["mscr"]
+    key = [(r["start"], r["iteration"], r.get("candidate"), r["mscr"]) for r in a.history]
+    assert key == [(r["start"], r["iteration"], r.get("candidate"), r["mscr"])
+                   for r in b.history]
+    assert torch.allclose(a.trigger, b.trigger, atol=1e-5)

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--max-iters", type=int, default=None)
     bb.add_argument("--restarts", type=int, default=None,
                     help="independent starts sharing --max-iters, run side by side (default 1)")
+    bb.add_argument("--explore", type=int, default=None, metavar="N",
+                    help="sample N coarse random triggers (grids of 1, 2, 4 cells, values "
+                         "U(-1, 1)) before the first step and start from the best; one that "
+                         "reaches kappa_d flags at once (default 0, the paper's; "
+                         "docs/detection.md)")
     bb.add_argument("--no-entropy-loss", action="store_true", help="ℓ_s alone (ablation)")
     scan.add_argument("--config", default=None, metavar="YAML",
                       help="take the inversion: and detection: settings of a workflow config "
@@ -166,7 +171,8 @@ def _scan(args: argparse.Namespace, started: float) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     bbti = {k: v for k, v in {"gradient": args.gradient, "max_iters": args.max_iters,
                               "whitebox_steps": args.whitebox_steps,
-                              "init_scale": args.init_scale, "restarts": args.restarts}.items()
+                              "init_scale": args.init_scale, "restarts": args.restarts,
+                              "explore": args.explore}.items()
             if v is not None}
     if args.no_entropy_loss:
         bbti["entropy_loss"] = False

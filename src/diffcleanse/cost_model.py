@@ -13,7 +13,8 @@ one (``backward``, each a forward and a backward pass) that the config asks for:
 * ``invert_trigger``: BBTI's ``max_iters`` iterations (an upper bound: a model flagged early stops
   sooner) of the verdict batch through the backdoor sampler's chain, ``2·zo_directions + 1`` such
   passes per iteration for ``zeroth_order`` and a backward through ``whitebox_steps`` steps for
-  ``whitebox`` (its checkpointing counted as the extra forward it is); Elijah's epochs of one UNet
+  ``whitebox`` (its checkpointing counted as the extra forward it is), plus ``explore`` passes per
+  start for the candidates sampled before the first step; Elijah's epochs of one UNet
   call at T on its batch plus one verdict pass; per seed;
 * ``clean_data``: the synthetic clean images through the clean sampler's chain;
 * ``importance``: the importance batch through one ascending pass over the clean timesteps (t > T,
@@ -266,7 +267,8 @@ def plan_work(config: Mapping[str, Any], manifest) -> Plan:
                         batch=B * int(b.get("restarts", 1)))
                     continue
                 per_iter = 2 * int(b.get("zo_directions", 6)) + 1 if grad == "zeroth_order" else 1
-                f = iters * per_iter * B * S * seeds
+                explore = int(b.get("explore", 0)) * int(b.get("restarts", 1))
+                f = (iters * per_iter + explore) * B * S * seeds
                 add("invert_trigger", forward=f, jobs=seeds, sampled=f,
                     batch=B * int(b.get("restarts", 1)))
             elif method == "elijah":
@@ -288,7 +290,8 @@ def plan_work(config: Mapping[str, Any], manifest) -> Plan:
             b = inv.get("bbti", {})
             per_iter = 2 * int(b.get("zo_directions", 6)) + 1 \
                 if b.get("gradient") == "zeroth_order" else 1
-            f = int(b.get("max_iters", 100)) * per_iter * B * S \
+            f = (int(b.get("max_iters", 100)) * per_iter
+                 + int(b.get("explore", 0)) * int(b.get("restarts", 1))) * B * S \
                 + int(ev["asr"]["n_samples"]) * chain(ev["asr"].get("steps"))
             add("ablate_entropy_loss", forward=f, sampled=f, batch=B)
         # stage 2: removal on the models it runs on (run_on flagged: every backdoored model, the

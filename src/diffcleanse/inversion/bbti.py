@@ -84,9 +84,14 @@ class BBTISpec:
     zo_sigma: float = 0.3  # zeroth_order: perturbation scale (trigger units)
     zo_resolutions: tuple[int, ...] = (2, 4, 8)  # zeroth_order: grid cells per side, coarse first
     zo_stage_iters: int = 8  # zeroth_order: iterations at each resolution but the last
+    explore: int = 0  # candidates each start samples before its first step (0: none; module doc)
+    explore_scale: float = 1.0  # their cell values ~ U(-s, s), in trigger units
+    explore_resolutions: tuple[int, ...] = (1, 2, 4)  # their grid cells per side, in turn
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "zo_resolutions", tuple(int(v) for v in self.zo_resolutions))
+        object.__setattr__(self, "explore_resolutions",
+                           tuple(int(v) for v in self.explore_resolutions))
         if self.gradient not in GRADIENTS:
             raise ValueError(f"inversion.bbti.gradient {self.gradient!r}: use one of "
                              f"{', '.join(GRADIENTS)}")
@@ -106,6 +111,15 @@ class BBTISpec:
         if not self.zo_resolutions or min(self.zo_resolutions) < 1:
             raise ValueError("inversion.bbti.zo_resolutions must list grid sizes of at least 1, "
                              f"got {list(self.zo_resolutions)}")
+        if self.explore < 0:
+            raise ValueError(f"inversion.bbti.explore must be 0 (off) or a number of candidates, "
+                             f"got {self.explore}")
+        if not self.explore_scale > 0:
+            raise ValueError("inversion.bbti.explore_scale must be positive, got "
+                             f"{self.explore_scale}")
+        if not self.explore_resolutions or min(self.explore_resolutions) < 1:
+            raise ValueError("inversion.bbti.explore_resolutions must list grid sizes of at "
+                             f"least 1, got {list(self.explore_resolutions)}")
 
     def zo_resolution(self, iteration: int) -> int:
         """Grid cells per side of the zeroth-order directions at a start's ``iteration``."""
@@ -154,6 +168,26 @@ def coarse_directions(spec: BBTISpec, shape: tuple[int, int, int], iteration: in
     cells = spec.zo_resolution(iteration)
     u = torch.randn((spec.zo_directions, c, min(cells, h), min(cells, w)), generator=generator)
     return torch.nn.functional.interpolate(u, size=(h, w), mode="nearest")
+
+
+def explore_candidates(spec: BBTISpec, r0: torch.Tensor, generator: torch.Generator
+                       ) -> tuple[torch.Tensor, list[int]]:
+    """A start's exploration pool, (``spec.explore``, C, H, W), and each candidate's grid size:
+    its initial trigger ``r0`` (1, C, H, W) first (grid 0: per pixel), then values drawn
+    U(−``explore_scale``, ``explore_scale``) on grids of ``explore_resolutions[i]`` cells per side
+    in turn, nearest-upsampled and kept inside the trigger bound."""
+    _, c, h, w = r0.shape
+    out, grids = [r0.cpu()], [0]
+    for i in range(spec.explore - 1):
+        cells = spec.explore_resolutions[i % len(spec.explore_resolutions)]
+        u = (2 * torch.rand((1, c, min(cells, h), min(cells, w)), generator=generator) - 1)
+        out.append(torch.nn.functional.interpolate(spec.explore_scale * u, size=(h, w),
+                                                   mode="nearest"))
+        grids.append(cells)
+    pool = torch.cat(out)
+    if spec.trigger_bound is not None:
+        pool = pool.clamp(-spec.trigger_bound, spec.trigger_bound)
+    return pool, grids
 
 
 def zo_gradient(losses: torch.Tensor, directions: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -206,7 +240,7 @@ class BBTI(InversionMethod):
     model_types = ("ddpm", "ncsn", "ldm")
 
     def budget(self, spec: BBTISpec) -> int:
-        return spec.max_iters
+        return spec.max_iters + spec.restarts * spec.explore
 
     def invert(self, ctx: Context, spec: BBTISpec) -> MethodResult:
         if ctx.encoder is None:
@@ -263,6 +297,9 @@ class _Run:
         ctx, spec, detect = self.ctx, self.spec, self.ctx.detect
         b = len(ctx.noise)
         self.restore()
+        if spec.explore and not any(r.get("phase") == "explore" for r in self.rows):
+            self._explore()
+            self.save()
         while self.active():
             act = self.active()
             k = act[0].iters
@@ -340,6 +377,55 @@ class _Run:
                 log.info("iteration %d of each start: MSCR %s", k,
                          " ".join(f"{r['mscr']:.3f}" for r in self.rows[-len(act):]))
             self.save()
+
+    # ---- exploration before the first step (module doc)
+    _EXPLORE_CHUNK = 8  # candidates sampled in one batch
+
+    def _explore(self) -> None:
+        """Each active start samples its exploration pool on the verdict batch; a candidate that
+        reaches κ_d flags the start, otherwise the start begins from its best candidate (highest
+        MSCR, then lowest loss)."""
+        ctx, spec, detect = self.ctx, self.spec, self.ctx.detect
+        b = len(ctx.noise)
+        for s in self.active():
+            if s.done:  # a start before it was flagged while exploring
+                continue
+            pool, grids = explore_candidates(spec, s.r.detach(), ctx.generator("explore",
+                                                                                s.index))
+            pool = pool.to(ctx.device)
+            ranked: list[tuple[float, float, int]] = []
+            for lo in range(0, len(pool), self._EXPLORE_CHUNK):
+                chunk = pool[lo:lo + self._EXPLORE_CHUNK]
+                with torch.no_grad():
+                    x0 = ctx.sample_from(ctx.noise.repeat(len(chunk), 1, 1, 1)
+                                         + chunk.repeat_interleave(b, dim=0),
+                                         seeds=ctx.noise_seeds * len(chunk))
+                for i, xs in enumerate(x0.split(b), start=lo):
+                    with torch.no_grad():
+                        z = embed(ctx.encoder, xs)
+                        score = detection.mscr(z, detect.active_kappa,
+                                               detection.in_band(xs, detect))
+                        loss, _ = objective(xs, z, spec, detect)
+                    row = {"phase": "explore", "iteration": s.index * spec.per_start,
+                           "start": s.index, "candidate": i, "grid": grids[i], "mscr": score,
+                           "loss": float(loss), "trigger_norm": float(pool[i].norm())}
+                    self.rows.append(row)
+                    ctx.report(row)
+                    self.best = _better(self.best, (score, s.index, -1, pool[i:i + 1].clone(),
+                                                    xs.clone()))
+                    ranked.append((-score, float(loss), i))
+                    if spec.early_stop and score >= detect.kappa_d:
+                        s.flagged, s.flagged_at, s.done = (score, pool[i:i + 1].clone(),
+                                                           xs.clone()), 0, True
+                        self._drop_after(s.index)
+                        break
+                if s.done:
+                    break
+            if not s.done:
+                with torch.no_grad():
+                    s.r.copy_(pool[min(ranked)[2]:min(ranked)[2] + 1])
+            log.info("start %d explored %d candidates: best MSCR %.3f%s", s.index,
+                     len(ranked), -min(ranked)[0], " (flagged)" if s.done else "")
 
     # ---- the zeroth-order search (module doc)
     def _directions(self, s: _Start) -> torch.Tensor:
@@ -502,8 +588,9 @@ def _finish(ctx: Context, spec: BBTISpec, runs: list[_Run]) -> MethodResult:
                 conf = _better(conf, c)
             if conf[0] >= score:
                 score, r, samples = conf[0], conf[3], conf[4]
-    return MethodResult(trigger=r[0].detach().cpu(), iterations=len(rows), history=rows,
-                        stopped_early=stopped, samples=samples.detach(),
-                        details={"gradient": spec.gradient,
+    explored = sum(1 for row in rows if row.get("phase") == "explore")
+    return MethodResult(trigger=r[0].detach().cpu(), iterations=len(rows) - explored,
+                        history=rows, stopped_early=stopped, samples=samples.detach(),
+                        details={"gradient": spec.gradient, "explore_candidates": explored,
                                  "eq1": eq1_coefficients(ctx.model.scheduler_config),
                                  "mscr_selected": score})
