@@ -448,7 +448,8 @@ def test_zeroth_order_costs_2k_plus_1_passes_and_no_backward(tiny_zoo):
 
 def test_exploration_settings_are_checked():
     for bad, match in (({"explore": -1}, "explore"), ({"explore_scale": 0}, "explore_scale"),
-                       ({"explore_resolutions": [0]}, "explore_resolutions")):
+                       ({"explore_resolutions": [0]}, "explore_resolutions"),
+                       ({"explore_colours": ["blue"]}, "explore_colours")):
         with pytest.raises(ValueError, match=match):
             inversion.BBTISpec(**bad)
 
@@ -462,8 +463,10 @@ def test_exploration_pool_starts_with_the_init_and_is_constant_per_cell():
     pool, grids = bbti.explore_candidates(spec, r0, torch.Generator().manual_seed(0))
     assert pool.shape == (5, 3, 8, 8) and grids == [0, 1, 2, 1, 2]
     assert torch.equal(pool[0], r0[0].clamp(-2, 2))
-    assert torch.equal(pool[1], pool[1, :, :1, :1].expand(-1, 8, 8))  # one value per channel
-    assert torch.equal(pool[2, :, :4, :4], pool[2, :, :1, :1].expand(-1, 4, 4))
+    assert torch.equal(pool[1], pool[1, :1, :1, :1].expand(3, 8, 8))  # grey: one value
+    assert torch.equal(pool[2, :, :4, :4], pool[2, :, :1, :1].expand(-1, 4, 4))  # rgb, 2 x 2
+    assert not torch.equal(pool[2, 0], pool[2, 1])
+    assert torch.equal(pool[3, 0], pool[3, 2])  # grey again, one cell
     assert pool[1:].abs().max() <= 0.5
     again, _ = bbti.explore_candidates(spec, r0, torch.Generator().manual_seed(0))
     assert torch.equal(pool, again)

@@ -62,6 +62,7 @@ from diffcleanse.inversion.base import (
 
 log = logging.getLogger(__name__)
 GRADIENTS = ("blackbox", "blackbox_partial", "whitebox", "zeroth_order")
+EXPLORE_COLOURS = ("grey", "rgb")
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,14 @@ class BBTISpec:
     explore: int = 0  # candidates each start samples before its first step (0: none; module doc)
     explore_scale: float = 1.0  # their cell values ~ U(-s, s), in trigger units
     explore_resolutions: tuple[int, ...] = (1, 2, 4)  # their grid cells per side, in turn
+    explore_colours: tuple[str, ...] = ("grey", "rgb")  # grey: one value per cell for every
+    # channel; rgb: one per cell and channel; in turn (module doc)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "zo_resolutions", tuple(int(v) for v in self.zo_resolutions))
         object.__setattr__(self, "explore_resolutions",
                            tuple(int(v) for v in self.explore_resolutions))
+        object.__setattr__(self, "explore_colours", tuple(self.explore_colours))
         if self.gradient not in GRADIENTS:
             raise ValueError(f"inversion.bbti.gradient {self.gradient!r}: use one of "
                              f"{', '.join(GRADIENTS)}")
@@ -120,6 +124,9 @@ class BBTISpec:
         if not self.explore_resolutions or min(self.explore_resolutions) < 1:
             raise ValueError("inversion.bbti.explore_resolutions must list grid sizes of at "
                              f"least 1, got {list(self.explore_resolutions)}")
+        if not self.explore_colours or set(self.explore_colours) - set(EXPLORE_COLOURS):
+            raise ValueError(f"inversion.bbti.explore_colours {list(self.explore_colours)}: list "
+                             f"one or more of {', '.join(EXPLORE_COLOURS)}")
 
     def zo_resolution(self, iteration: int) -> int:
         """Grid cells per side of the zeroth-order directions at a start's ``iteration``."""
@@ -175,12 +182,15 @@ def explore_candidates(spec: BBTISpec, r0: torch.Tensor, generator: torch.Genera
     """A start's exploration pool, (``spec.explore``, C, H, W), and each candidate's grid size:
     its initial trigger ``r0`` (1, C, H, W) first (grid 0: per pixel), then values drawn
     U(−``explore_scale``, ``explore_scale``) on grids of ``explore_resolutions[i]`` cells per side
-    in turn, nearest-upsampled and kept inside the trigger bound."""
+    in turn, one value per cell for all channels (``grey``) or per cell and channel (``rgb``) as
+    ``explore_colours`` alternate, nearest-upsampled and kept inside the trigger bound."""
     _, c, h, w = r0.shape
     out, grids = [r0.cpu()], [0]
     for i in range(spec.explore - 1):
         cells = spec.explore_resolutions[i % len(spec.explore_resolutions)]
-        u = (2 * torch.rand((1, c, min(cells, h), min(cells, w)), generator=generator) - 1)
+        grey = spec.explore_colours[i % len(spec.explore_colours)] == "grey"
+        u = (2 * torch.rand((1, 1 if grey else c, min(cells, h), min(cells, w)),
+                            generator=generator) - 1).expand(1, c, -1, -1)
         out.append(torch.nn.functional.interpolate(spec.explore_scale * u, size=(h, w),
                                                    mode="nearest"))
         grids.append(cells)
