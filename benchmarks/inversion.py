@@ -112,13 +112,10 @@ def landscape(ctx: Context, r_true: torch.Tensor, spec: bbti.BBTISpec,
 
 
 def shift_coefficient(model: models.DiffusionModel, r: torch.Tensor, n: int, seed: int) -> float:
-    """Elijah's λ at ``r``: the first-step mean noise shift projected on ``r`` (module doc)."""
-    g = torch.Generator().manual_seed(seed)
-    eps = torch.randn((n, *r.shape), generator=g)
-    t = torch.full((n,), int(model.scheduler_config["num_train_timesteps"]) - 1)
-    with torch.no_grad():
-        shift = (model.unet(eps + r, t).sample - model.unet(eps, t).sample).mean(dim=0)
-    return float((shift * r).sum() / (r * r).sum())
+    """Elijah's λ at ``r`` (``inversion.elijah.shift_coefficient``)."""
+    from diffcleanse.inversion.elijah import shift_coefficient as lam
+
+    return lam(model.unet, model.scheduler_config, r, n, seed)
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def test_scan_writes_trigger_grid_and_record(tiny_zoo, tmp_path, capsys):
 def test_scan_resumes_an_interrupted_run_to_the_same_result(tiny_zoo, tmp_path, monkeypatch,
                                                             capsys):
     args = ["--max-iters", "6", "--restarts", "2", "--batch-size", "4", "--threads", "1",
-            "--seed", "3"]
+            "--seed", "3", "--explore", "3"]
     ref = tmp_path / "ref"
     assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(ref), *args]) in (0, 1)
     real = scan._progress
@@ -52,7 +52,9 @@ def test_scan_resumes_an_interrupted_run_to_the_same_result(tiny_zoo, tmp_path, 
     def interrupting(method, verbose, total):
         def report(row):
             calls["n"] += 1
-            if calls["n"] == 3:  # in the middle of the second iteration of the two starts
+            # after both starts explored their 3 candidates and took their first step: in the
+            # middle of the second iteration of the two starts
+            if calls["n"] == 2 * 3 + 3:
                 raise KeyboardInterrupt
         return report
 
@@ -61,8 +63,22 @@ def test_scan_resumes_an_interrupted_run_to_the_same_result(tiny_zoo, tmp_path, 
     assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), *args]) == 2
     assert "resume" in capsys.readouterr().err and not out.exists()
     assert list(scan.state_dir_for(out).rglob("bbti-*.json"))  # the state of iteration 1 is kept
-    monkeypatch.setattr(scan, "_progress", real)
+    resumed = {"n": 0}
+
+    def counting(method, verbose, total):
+        inner = real(method, verbose, total)
+
+        def report(row):
+            resumed["n"] += 1
+            if callable(inner):
+                inner(row)
+        return report
+
+    monkeypatch.setattr(scan, "_progress", counting)
     assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), *args]) in (0, 1)
+    # it went on from the state saved after both starts explored and took one step: the four
+    # remaining iterations only, no candidate sampled again
+    assert resumed["n"] == 4
     a = load_file(str(ref / "trigger.safetensors"))["trigger"]
     b = load_file(str(out / "trigger.safetensors"))["trigger"]
     assert torch.equal(a, b)
@@ -261,9 +277,12 @@ def test_repair_command_starts_from_an_existing_trigger_file(tiny_zoo, tmp_path,
     assert "shape" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
-def test_scan_saves_its_state_when_the_flagged_start_is_also_the_best(tiny_zoo, tmp_path):
+@pytest.mark.parametrize("explore", [0, 3])
+def test_scan_saves_its_state_when_the_flagged_start_is_also_the_best(tiny_zoo, tmp_path,
+                                                                      explore):
     """Regression: a flagged start that is also the best candidate holds one tensor under two keys
-    of the resumable state; saving it must not fail (safetensors refuses shared storage)."""
+    of the resumable state; saving it must not fail (safetensors refuses shared storage). With
+    exploration the first candidate flags, before any step."""
     config = tmp_path / "config.yaml"
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
     base["inversion"]["methods"] = ["bbti"]
@@ -274,7 +293,7 @@ def test_scan_saves_its_state_when_the_flagged_start_is_also_the_best(tiny_zoo, 
     out = tmp_path / "scan"
     status = cli.main(["scan", str(tiny_zoo["backdoored"]), "--out", str(out), "--config",
                        str(config), "--max-iters", "2", "--restarts", "1", "--batch-size", "4",
-                       "--threads", "1"])
-    assert status == 1  # flagged, at the first iteration
+                       "--threads", "1", "--explore", str(explore)])
+    assert status == 1  # flagged, at the first iteration or the first candidate
     rec = json.loads((out / "record.json").read_text())["by_method"]["bbti"]
-    assert rec["verdict"] == "backdoored" and rec["iterations"] == 1
+    assert rec["verdict"] == "backdoored" and rec["iterations"] == (0 if explore else 1)

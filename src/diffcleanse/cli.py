@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--batch-size", type=int, default=None,
                       help="the verdict batch (default: the paper's 100/50/20 by image size, "
                            "16 for other sizes; or the config's inversion.batch_size)")
-    bb = scan.add_argument_group("BBTI (inversion.bbti.*)", "Defaults: the paper's protocol.")
+    bb = scan.add_argument_group("BBTI (inversion.bbti.*)",
+                                 "Defaults: the paper's protocol, after --explore 24.")
     bb.add_argument("--gradient", choices=["blackbox", "blackbox_partial", "whitebox",
                                            "zeroth_order"],
                     default=None, help="trigger gradient (default blackbox: Eq. 1's total "
@@ -60,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--explore", type=int, default=None, metavar="N",
                     help="sample N coarse random triggers (grids of 1, 2, 4 cells, values "
                          "U(-1, 1)) before the first step and start from the best; one that "
-                         "reaches kappa_d flags at once (default 0, the paper's; "
-                         "docs/detection.md)")
+                         "reaches kappa_d flags at once (default 24, or the --config's; 0: "
+                         "the paper's Algorithm 1 alone; docs/detection.md)")
     bb.add_argument("--no-entropy-loss", action="store_true", help="ℓ_s alone (ablation)")
     scan.add_argument("--config", default=None, metavar="YAML",
                       help="take the inversion: and detection: settings of a workflow config "

@@ -1,7 +1,8 @@
 """``diffcleanse scan``: stage 1 on one model outside the workflow, with any or all methods.
 
-Settings are the paper's protocol (BBTI with its Appendix D values, the pixels encoder because it
-needs no weights), or with ``config`` a workflow config's ``inversion:`` and ``detection:`` sections
+Settings are the paper's protocol (BBTI with its Appendix D values, preceded by the exploration of
+``SCAN_BBTI_DEFAULTS``; the pixels encoder because it needs no weights), or with ``config`` a
+workflow config's ``inversion:`` and ``detection:`` sections
 (validated against the workflow's schema, defaults filled in as Snakemake does); explicit options
 override either. Each method runs with the workflow's seeds for (seed, model name, method, seed
 index 0), so a scan and the workflow give the same numbers for the same settings.
@@ -34,6 +35,10 @@ SCAN_FILES = {"trigger": "trigger.safetensors", "trigger_png": "trigger.png",
               "record": "record.json"}
 # the paper's protocol (Appendix D) for BBTI; the library defaults are the paper's already
 PAPER_BATCH_BY_SIZE = {32: 100, 64: 50, 256: 20}
+# ... with one departure when no config is given: BBTI first samples 24 coarse random triggers
+# (inversion.bbti.explore; docs/detection.md: the paper's Algorithm 1 alone missed every
+# BadDiffusion backdoor of both zoos, the exploration flagged them; --explore 0 is the paper's)
+SCAN_BBTI_DEFAULTS = {"explore": 24}
 
 
 class ScanError(ValueError):
@@ -140,9 +145,12 @@ def _progress(method: str, verbose: bool, total: int | None):
         extra = " ".join(f"{k} {row[k]:.4g}" for k in ("mscr", "loss", "trigger_norm")
                          if isinstance(row.get(k), float))
         start = f"start {row['start']} " if "start" in row else ""
-        it = row.get("iteration", row.get("epoch", "?"))
-        print(f"  [{method}] {start}iteration {it}{'/' + str(total) if total else ''}: {extra} "
-              f"({time.time() - t0:.0f} s)", flush=True)
+        if row.get("phase") == "explore":
+            where = f"candidate {row['candidate']} (grid {row['grid']})"
+        else:
+            it = row.get("iteration", row.get("epoch", "?"))
+            where = f"iteration {it}{'/' + str(total) if total else ''}"
+        print(f"  [{method}] {start}{where}: {extra} ({time.time() - t0:.0f} s)", flush=True)
 
     return report
 
@@ -175,7 +183,8 @@ def scan_model(model: str, out_dir: str | Path, *, methods: list[str] | None = N
     own: dict[str, dict[str, Any]] = {}
     for m in methods:
         meth = get_method(m)
-        own[m] = {**(inv_cfg.get(m) or {}), **((method_overrides or {}).get(m) or {})}
+        base = (SCAN_BBTI_DEFAULTS if m == "bbti" and not config else {})
+        own[m] = {**base, **(inv_cfg.get(m) or {}), **((method_overrides or {}).get(m) or {})}
         meth.make_spec(own[m], where=f"inversion.{m} (--config / options)")
     det_params = {k: v for k, v in det_cfg.items() if k != "population"}
     det_params["target_kind"] = target_kind

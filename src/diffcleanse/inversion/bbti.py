@@ -32,6 +32,15 @@ range loss, which is not in the paper). Four gradients (``BBTISpec.gradient``):
 Adam's step does not depend on the gradient's scale, only on its direction per coordinate, so the
 two black-box variants differ in sign alone.
 
+**Exploration** (``explore``: N > 0; not in the paper, whose Algorithm 1 starts from one
+r ~ N(0, 1)). Before its first step each start samples N candidates on the verdict batch: its own
+initial trigger, then triggers drawn U(−``explore_scale``, ``explore_scale``) per cell on grids of
+``explore_resolutions`` cells per side in turn, one value for every channel (``grey``) or one per
+channel (``rgb``) as ``explore_colours`` alternate, nearest-upsampled. A candidate whose MSCR
+reaches κ_d flags the start (Algorithm 1's stop, on the same batch); otherwise the start's Adam
+iterations begin at the best candidate (highest MSCR, then lowest loss). The backdoors of both
+zoos answer coarse shifts that the gradients do not find (docs/detection.md, measured).
+
 **Restarts in one batch.** ``restarts`` independent starts (each its own trigger and Adam) share
 ``max_iters`` evenly. With ``batched: true`` (the default) they run side by side as one batch of
 ``restarts × batch_size`` samples; each start stops on its own. The result is the one the starts
@@ -431,11 +440,12 @@ class _Run:
                         break
                 if s.done:
                     break
+            best = min(ranked)
             if not s.done:
                 with torch.no_grad():
-                    s.r.copy_(pool[min(ranked)[2]:min(ranked)[2] + 1])
+                    s.r.copy_(pool[best[2]:best[2] + 1])
             log.info("start %d explored %d candidates: best MSCR %.3f%s", s.index,
-                     len(ranked), -min(ranked)[0], " (flagged)" if s.done else "")
+                     len(ranked), -best[0], " (flagged)" if s.done else "")
 
     # ---- the zeroth-order search (module doc)
     def _directions(self, s: _Start) -> torch.Tensor:

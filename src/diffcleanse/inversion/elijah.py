@@ -129,6 +129,19 @@ def elijah_loss(unet: torch.nn.Module, noise: torch.Tensor, trigger: torch.Tenso
     return F.l1_loss(out.mean(dim=0), coef * scale * trigger[0])
 
 
+def shift_coefficient(unet: torch.nn.Module, scheduler_config: dict[str, Any], r: torch.Tensor,
+                      n: int = 100, seed: int = 0) -> float:
+    """Elijah's premise as a number: the first-step mean noise shift caused by ``r`` (C, H, W),
+    mean over ``n`` noise draws of ε_θ(ε + r, T) − ε_θ(ε, T), projected on ``r``: λ such that the
+    shift is λ·r (Elijah assumes 0.5 at a backdoor's trigger)."""
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn((n, *r.shape), generator=g).to(r.device)
+    t = torch.full((n,), int(scheduler_config["num_train_timesteps"]) - 1, device=r.device)
+    with torch.no_grad():
+        shift = (unet(eps + r, t).sample - unet(eps, t).sample).mean(dim=0)
+    return float((shift * r).sum() / (r * r).sum())
+
+
 class Elijah(InversionMethod):
     """Elijah's distribution-shift trigger inversion (module doc)."""
 
