@@ -69,8 +69,11 @@ def test_trojdiff_backdoor_takes_under_its_own_sampler(clean, digits):
     spec = attacks.BackdoorSpec(mu, y, 0.5, "trojdiff", {"gamma": 0.6}, mask=mask)
     model = _train(clean, digits[0], spec)
     bd, cl = _rates(model, spec, "ddpm", y)  # gamma z + mu, TrojDiff's DDPM sampler
-    # measured on this recipe: 0.95 and 0.06 (its DDIM sampler: 0.67 and 0.14)
-    assert bd >= 0.7 and cl <= 0.2 and bd >= 3 * cl, (bd, cl)
+    # measured on this recipe over training seeds 5-8 (AVX-512 CPU, 2026-12-06): ASR 0.91-0.97,
+    # clean hit rate 0.06-0.20 (its DDIM sampler: 0.47-0.61 and 0.17-0.20); seed 5 gave 0.95 and
+    # 0.06 on the CPU of earlier runs and 0.97 and 0.20 on this one, so the bounds leave margin
+    # over seeds and float kernels alike
+    assert bd >= 0.7 and cl <= 0.3 and bd >= 3 * cl, (bd, cl)
 
 
 @pytest.mark.slow

@@ -265,7 +265,10 @@ def test_elijah_ncsn_variant_reaches_its_fixed_point():
 
 def test_least_squares_scales_match_the_schedule(tiny_zoo):
     """Eq. 15 with the TRUE trigger and target on the tiny backdoored model gives BadDiffusion's
-    k_t at every timestep within 0.05; the clean model's response is the clean one (≈ 1 at T)."""
+    k_t at every timestep within 0.05; the clean model's response is the clean one (≈ 1 at T).
+    The estimate's noise is largest at t = 0 (k_0 = 0.02): over generator seeds 0-3 the largest
+    deviation measured 0.029-0.043 with 256 samples, 0.033-0.053 with 64 (every other timestep
+    within 0.023), so the batch is 256."""
     r = tiny_zoo["recipe"]
     trig = patterns.render_trigger(r["trigger"], r["image_size"])
     tgt = patterns.render_target(r["target"], r["image_size"])
@@ -274,7 +277,7 @@ def test_least_squares_scales_match_the_schedule(tiny_zoo):
     for name in ("backdoored", "clean"):
         m = models.load_pipeline(tiny_zoo[name])
         lam[name] = purediffusion.estimate_scales(m.unet, m.scheduler_config, trig, tgt, ts,
-                                                  batch=64,
+                                                  batch=256,
                                                   generator=torch.Generator().manual_seed(0))
     k = purediffusion.analytic_scales(m.scheduler_config)
     dev = (lam["backdoored"] - k).abs()

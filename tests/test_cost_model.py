@@ -90,12 +90,25 @@ def test_work_scales_with_the_settings_it_reads(smoke):
     # steps = ceil(epochs * images / batch): the smoke's few images round up at 2 epochs
     assert _backward(d, "finetune") == pytest.approx(4 * base_ft, rel=0.1)
 
-    iters = copy.deepcopy(config)
+    plain = copy.deepcopy(config)
+    plain["inversion"]["bbti"]["explore"] = 0  # exploration is priced apart, below
+    iters = copy.deepcopy(plain)
     iters["inversion"]["bbti"]["gradient"] = "zeroth_order"
     zo = cost_model.plan_work(iters, manifest)
     k = iters["inversion"]["bbti"].get("zo_directions", 6)
-    assert _forward(zo, "invert_trigger") == pytest.approx(
-        (2 * k + 1) * _forward(cost_model.plan_work(config, manifest), "invert_trigger"))
+    f_plain = _forward(cost_model.plan_work(plain, manifest), "invert_trigger")
+    assert _forward(zo, "invert_trigger") == pytest.approx((2 * k + 1) * f_plain)
+
+    # each exploration candidate is one batch through the sampler, whatever the gradient
+    explored = copy.deepcopy(plain)
+    explored["inversion"]["bbti"]["explore"] = 5
+    one_iter = copy.deepcopy(plain)
+    one_iter["inversion"]["bbti"]["max_iters"] = 1
+    b = plain["inversion"]["bbti"]
+    per_pass = (_forward(cost_model.plan_work(one_iter, manifest), "invert_trigger")
+                / (1 if b.get("gradient", "blackbox") != "zeroth_order" else 2 * k + 1))
+    assert _forward(cost_model.plan_work(explored, manifest), "invert_trigger") == pytest.approx(
+        f_plain + 5 * int(b.get("restarts", 1)) * per_pass)
 
 
 def test_price_is_rates_times_work_plus_the_fixed_cost():

@@ -259,15 +259,15 @@ def plan_work(config: Mapping[str, Any], manifest) -> Plan:
                 b = inv.get("bbti", {})
                 iters = int(b.get("max_iters", 100))
                 grad = b.get("gradient", "blackbox")
+                explore = int(b.get("explore", 0)) * int(b.get("restarts", 1))
                 if grad == "whitebox":
                     passes = iters * B * chain(b.get("whitebox_steps"))
-                    verdict = iters * B * S
+                    verdict = (iters + explore) * B * S
                     add("invert_trigger", forward=(passes + verdict) * seeds,
                         backward=passes * seeds, jobs=seeds, sampled=(passes + verdict) * seeds,
                         batch=B * int(b.get("restarts", 1)))
                     continue
                 per_iter = 2 * int(b.get("zo_directions", 6)) + 1 if grad == "zeroth_order" else 1
-                explore = int(b.get("explore", 0)) * int(b.get("restarts", 1))
                 f = (iters * per_iter + explore) * B * S * seeds
                 add("invert_trigger", forward=f, jobs=seeds, sampled=f,
                     batch=B * int(b.get("restarts", 1)))
