@@ -33,6 +33,7 @@ import torch
 from diffcleanse import detection, encoders, evaluation, inversion, models, patterns, samplers
 from diffcleanse.inversion import bbti
 from diffcleanse.inversion.base import Context
+from diffcleanse.inversion.elijah import shift_coefficient
 from diffcleanse.inversion.run import verdict_batch
 
 GRADIENTS = ("blackbox", "blackbox_partial", "whitebox")
@@ -109,13 +110,6 @@ def landscape(ctx: Context, r_true: torch.Tensor, spec: bbti.BBTISpec,
         if target is not None:
             out["asr"] = evaluation.asr_image(x0.clamp(-1, 1), target, mse_threshold)
     return out
-
-
-def shift_coefficient(model: models.DiffusionModel, r: torch.Tensor, n: int, seed: int) -> float:
-    """Elijah's λ at ``r`` (``inversion.elijah.shift_coefficient``)."""
-    from diffcleanse.inversion.elijah import shift_coefficient as lam
-
-    return lam(model.unet, model.scheduler_config, r, n, seed)
 
 
 def main() -> None:
@@ -195,10 +189,11 @@ def main() -> None:
         g = torch.Generator().manual_seed(args.seed)
         rand = torch.randn(r_true.shape, generator=g)
         rand = rand / rand.norm() * r_true.norm()
-        print(f"Elijah's shift coefficient at t = T (batch 64): true trigger "
-              f"{shift_coefficient(model, r_true, 64, args.seed):.3f}, a random trigger of the "
-              f"same norm {shift_coefficient(model, rand, 64, args.seed):.3f} (Elijah assumes "
-              f"0.5 at the trigger)")
+        lam_true, lam_rand = (shift_coefficient(model.unet, model.scheduler_config, r, 64,
+                                                args.seed) for r in (r_true, rand))
+        print(f"Elijah's shift coefficient at t = T (batch 64): true trigger {lam_true:.3f}, a "
+              f"random trigger of the same norm {lam_rand:.3f} (Elijah assumes 0.5 at the "
+              f"trigger)")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ import torch
 from diffcleanse import detection, encoders, models, patterns, samplers
 from diffcleanse.inversion import bbti
 from diffcleanse.inversion.base import Context
+from diffcleanse.inversion.elijah import shift_coefficient
 from diffcleanse.inversion.run import verdict_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,6 @@ def test_landscape_and_shift_read_the_backdoor(bench, tiny_zoo):
     assert full["mscr"] > zero["mscr"] and full["loss"] < zero["loss"]
     g = torch.Generator().manual_seed(0)
     rand = r_true.flatten()[torch.randperm(r_true.numel(), generator=g)].reshape(r_true.shape)
-    lam_true = bench.shift_coefficient(model, r_true, 32, 0)
-    lam_rand = bench.shift_coefficient(model, rand, 32, 0)
+    lam_true = shift_coefficient(model.unet, model.scheduler_config, r_true, 32, 0)
+    lam_rand = shift_coefficient(model.unet, model.scheduler_config, rand, 32, 0)
     assert lam_true < lam_rand - 0.2
