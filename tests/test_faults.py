@@ -200,8 +200,14 @@ def test_a_requeued_slurm_job_resumes_from_its_checkpoint(smoke_run, cluster, tm
                 jobid = m.group(1)
                 step = json.loads(state.read_text())["step"]
                 subprocess.run(["scontrol", "requeue", jobid], check=True, timeout=30)
-                # a requeued job waits 120 s (SLURM's requeue delay) unless released
-                time.sleep(1)
+                # A requeued job waits 120 s (SLURM's requeue delay) unless released. The
+                # release only counts once the requeue is done (the job is PENDING again, after
+                # its processes ended: about 3 s for a training job); released earlier, the
+                # requeue resets the begin time and the test waits the 120 s (seen: 2.5 min).
+                released = time.monotonic() + 60
+                while scontrol_job(jobid).get("JobState") != "PENDING" \
+                        and time.monotonic() < released:
+                    time.sleep(0.2)
                 subprocess.run(["scontrol", "update", f"jobid={jobid}", "StartTime=now"],
                                check=True, timeout=30)
             time.sleep(0.5)

@@ -66,8 +66,9 @@ def test_smoke_workflow_inverts_detects_and_tabulates(smoke_run):
 
 @pytest.mark.slow
 def test_smoke_workflow_prunes_and_finetunes_the_backdoored_model(smoke_run):
-    # removal.run_on: backdoored in the smoke config (its backdoor is weak); only outputs are
-    # asserted, not removal quality (tests/test_removal.py does that on a trained tiny model).
+    # removal.run_on lists smoke-bd and smoke-ad in the smoke config (its backdoors are weak);
+    # only outputs are asserted, not removal quality (tests/test_removal.py does that on a
+    # trained tiny model).
     from diffcleanse import models
     from diffcleanse.removal import pruned_io
 
@@ -101,13 +102,36 @@ def test_smoke_workflow_prunes_and_finetunes_the_backdoored_model(smoke_run):
     summary = json.loads((base / "summary.json").read_text())
     assert summary["acted"] and len(summary["runs"]) == 4 and summary["flagged"] is None
     assert set(summary["seconds_per_model"]) == {"clean_data", "importance/trigger~detected"}
-    assert not (wd / "results/removal/smoke-clean").exists()  # run_on: backdoored
+    for model in ("smoke-clean", "smoke-vd", "smoke-tj"):  # run_on lists smoke-bd, smoke-ad
+        assert not (wd / f"results/removal/{model}").exists(), model
+        assert not list((wd / f"results/evaluation/{model}").glob("trigger~*")), model
+    assert (wd / "results/removal/smoke-ad/summary.json").is_file()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("removal={'run_on': ['smoke-bd', 'smoke-zz']}", "removal.run_on"),
+    ("evaluation={'ablation': {'t_models': ['smoke-zz']}}", "evaluation.ablation.t_models"),
+])
+def test_a_model_list_naming_a_model_outside_the_manifest_stops_before_any_job(
+        tmp_path, override, key):
+    wd = workdir_copy(tmp_path)
+    proc = subprocess.run(
+        [*SNAKEMAKE, "-n", "--configfile", "config/smoke.yaml", "--config", override],
+        cwd=wd, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not (wd / "results").exists(), out
+    problem = next(p for ln in out.splitlines() for p in ln.split("; ")
+                   if f"{key} names models that are not in the manifest" in p)
+    assert "smoke-zz" in problem and "smoke-bd" not in problem, problem  # only the unknown one
 
 
 @pytest.mark.slow
 def test_removal_follows_the_verdicts_when_run_on_flagged(smoke_run):
     wd = smoke_run
-    cfg = (wd / "config/smoke.yaml").read_text().replace("run_on: backdoored", "run_on: flagged")
+    cfg = re.sub(r"(?m)^  run_on: .*$", "  run_on: flagged",
+                 (wd / "config/smoke.yaml").read_text())
+    assert "run_on: flagged" in cfg
     (wd / "config/flagged.yaml").write_text(cfg)
     proc = run_snakemake(wd, "-n", "--configfile", "config/flagged.yaml")
     out = proc.stdout + proc.stderr
@@ -156,8 +180,10 @@ def test_smoke_workflow_evaluates_tabulates_and_reports(smoke_run):
     mine = t1.set_index(["Attack", "Model"]).loc[("BadDiff", "DDPM-D")]
     assert mine["Models"] == "1 clean / 1 bd" and 0 <= float(mine["BBTI ASR"]) <= 1
     t2 = pd.read_csv(wd / "results/tables/table2.csv")
-    mine = t2[t2["Model"] == "DDPM-D"]
+    mine = t2[(t2["Model"] == "DDPM-D") & (t2["Attack"] == "BadDiff")]
     assert set(mine["State"]) == {"pruned", "fine-tuned (loss_p)"}
+    skipped = t2[t2["Attack"].isin(["VillanDiff", "TrojDiff"]) & t2["Model"].str.endswith("-D")]
+    assert len(skipped) == 2 and (skipped["Diff-Cleanse ΔASR"] == tables.NO_REMOVAL).all()
     assert "Diff-Cleanse ΔFD-digits-cls" in t2.columns and "Diff-Pruning ΔASR" in t2.columns
     assert (wd / "results/tables/tableI.md").read_text().startswith("# PureDiffusion's Table I")
     for name in ("table1", "table2", "table3", "table4", "table7"):
@@ -331,7 +357,9 @@ def test_fetch_model_copies_a_local_model_with_its_card(tmp_path, tiny_zoo):
         "config/smoke.yaml",
         "--config",
         "manifest=config/local.tsv",
-        'removal={"ablation": {"models": []}}',  # the smoke ablation's model is not in this zoo
+        # the smoke removal's and ablations' models are not in this zoo
+        'removal={"ablation": {"models": []}, "run_on": "backdoored"}',
+        'evaluation={"ablation": {"t_models": []}}',  # [] as null: every backdoored model
     )
     src = tiny_zoo["clean"] / "unet/diffusion_pytorch_model.safetensors"
     dst = wd / "results/models/fetched/model/unet/diffusion_pytorch_model.safetensors"

@@ -33,7 +33,8 @@ one (``backward``, each a forward and a backward pass) that the config asks for:
 
 Rules not listed cost their jobs' fixed start-up only (``UNMODELLED`` names the heavier ones
 among them). Stage 1's verdicts are not known before it runs: removal is counted on every
-backdoored model of the manifest (``run_on: flagged`` runs it on the flagged ones). Seconds per
+backdoored model of the manifest (``run_on: flagged`` runs it on the flagged ones), or on the
+models that ``run_on`` lists. Seconds per
 evaluation come from ``measure_rates`` (a plain batched forward, and forward+backward, of each
 architecture with random weights on the device, at the batch each stage uses) or a rates file
 measured elsewhere (``benchmarks/cost_model.py --rates``).
@@ -303,8 +304,17 @@ def plan_work(config: Mapping[str, Any], manifest) -> Plan:
         orig_asr = asr_n * (2 + len(det_methods)) if backdoored else 0
         f = fid_n * S_eval + orig_asr * S_asr
         add("evaluate", forward=f, sampled=f, batch=int(ev["fid"].get("batch_size", 128)))
-        runs_removal = rem["run_on"] == "all" or backdoored
-        if not runs_removal:
+        run_on = rem["run_on"]
+        runs_removal = (r["model_id"] in run_on) if isinstance(run_on, list) \
+            else (run_on == "all" or backdoored)
+        # the threshold ablation (Fig. 6) and the removal ablation run on their own models,
+        # whatever run_on says; each needs the model's clean data
+        t_models = abl.get("t_models") or [m for m, x in rows.items() if x["attack"] != "none"]
+        abl_models = rem.get("ablation", {}).get("models")
+        if abl_models is None:
+            abl_models = [m for m, x in rows.items() if x["attack"] != "none"]
+        thresholds = list(abl.get("t_thresholds") or []) if mid in t_models else []
+        if not (runs_removal or thresholds or mid in abl_models):
             continue
         n_clean = max(1, round(_by_size(rem["synthetic_samples"], r, "removal.synthetic_samples")
                                * rem.get("synthetic_scale", 1.0)))
@@ -317,6 +327,14 @@ def plan_work(config: Mapping[str, Any], manifest) -> Plan:
             add("clean_data")
         ib = int(rem["importance_batch"])
         eb = int(ev["fid"].get("batch_size", 128))
+        for t in thresholds:  # Fig. 6: importance at threshold t, pruned state evaluated
+            n_above = T - threshold_timestep(T, float(t))
+            add("ablate_threshold", backward=ib * 2 * n_above, batch=ib)
+            f = fid_n * S_eval + 2 * asr_n * S_asr
+            add("ablate_threshold", forward=f, sampled=f, batch=eb, jobs=0)
+        _removal_ablation(add, config, r, rows, chain, T, ib, n_clean)
+        if not runs_removal:
+            continue
         thr = threshold_timestep(T, float(rem["t_threshold_frac"]))
         above = T - thr
         imp = rem.get("importance", {})
@@ -330,14 +348,6 @@ def plan_work(config: Mapping[str, Any], manifest) -> Plan:
         ft = rem["finetune"]
         ft_batch = int(_by_size(ft["batch_size"], r, "removal.finetune.batch_size"))
         steps = FinetuneConfig(epochs=ft["epochs"], batch_size=ft_batch).steps(n_clean)
-        t_models = abl.get("t_models") or [m for m, x in rows.items() if x["attack"] != "none"]
-        if mid in t_models:  # Fig. 6: importance at threshold t, pruned state evaluated
-            for t in abl.get("t_thresholds") or []:
-                n_above = T - threshold_timestep(T, float(t))
-                add("ablate_threshold", backward=ib * 2 * n_above, batch=ib)
-                f = fid_n * S_eval + 2 * asr_n * S_asr
-                add("ablate_threshold", forward=f, sampled=f, batch=eb, jobs=0)
-        _removal_ablation(add, config, r, rows, chain, T, ib, n_clean)
         for _trigger in triggers:
             for s in strategies:
                 method = removal_methods.get(s)

@@ -349,6 +349,19 @@ def _check_removal():
                 f"removal trigger source {src!r} is neither detected, true nor one of "
                 f"inversion.methods ({', '.join(INVERSION['methods'])})"
             )
+    listed = {
+        "removal.run_on": REMOVAL["run_on"] if isinstance(REMOVAL["run_on"], list) else [],
+        "evaluation.ablation.t_models": config["evaluation"]["ablation"].get("t_models") or [],
+    }
+    for key, ids in listed.items():
+        unknown = [m for m in ids if m not in MODEL_IDS]
+        if unknown:
+            problems.append(
+                f"{key} names models that are not in the manifest ({config['manifest']}): "
+                f"{', '.join(unknown)}; list model ids of its model_id column"
+                + (", or use flagged, backdoored or all" if key == "removal.run_on" else
+                   ", or null for every backdoored model")
+            )
     for m in MODEL_IDS:
         try:
             for s in PRUNING_STRATEGIES:
@@ -421,8 +434,11 @@ def flagged(model):
 
 def removal_summaries():
     """One summary per model removal may run on: every model, or with removal.run_on backdoored
-    only the manifest's backdoored models (the paper's Table 2; the manifest only picks models)."""
-    if REMOVAL["run_on"] == "backdoored":
+    only the manifest's backdoored models (the paper's Table 2; the manifest only picks models),
+    or the models that removal.run_on lists."""
+    if isinstance(REMOVAL["run_on"], list):
+        models = [m for m in MODEL_IDS if m in REMOVAL["run_on"]]
+    elif REMOVAL["run_on"] == "backdoored":
         models = [m for m in MODEL_IDS if MANIFEST.loc[m, "attack"] != "none"]
     else:
         models = MODEL_IDS
@@ -574,6 +590,8 @@ def eval_paths(model, trigger=None, strategy=None, ratio=None, loss=None):
 def removal_ran(model):
     """Whether stage 2 ran on a model (removal.run_on; with `flagged` this waits for detection)."""
     run_on = REMOVAL["run_on"]
+    if isinstance(run_on, list):
+        return model in run_on
     if run_on == "all":
         return True
     if run_on == "backdoored":

@@ -15,7 +15,8 @@ if inp.get("after") is None:
         verdict = read_json(inp.verdict)
         note = f"no removal: detection did not flag it (MSCR {verdict['mscr']:.2f})"
     else:
-        note = f"no removal here (removal.run_on: {run_on})"
+        listed = ", ".join(run_on) if isinstance(run_on, list) else run_on
+        note = f"no removal here (removal.run_on: {listed})"
 reporting.before_after(
     inp.before,
     inp.before_samples,

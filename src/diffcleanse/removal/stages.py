@@ -429,7 +429,7 @@ def repair_summary(record: dict[str, Any], out_dir: str | Path) -> str:
 
 def summarise_removal(model_id: str, finetune_records: list[str | Path], out_path: str | Path, *,
                       verdict_path: str | Path | None = None,
-                      run_on: str = "flagged") -> dict[str, Any]:
+                      run_on: str | list[str] = "flagged") -> dict[str, Any]:
     """One model's removal outcome from the records beside each ``finetune.json``: the verdict it
     acted on, and per trigger/strategy/ratio/loss what was removed and the seconds of every
     stage."""
