@@ -31,11 +31,18 @@ def _in_workflow_group(item) -> bool:
     return any(m.args[:1] == ("workflow",) for m in item.iter_markers("xdist_group"))
 
 
+CLUSTER_FILES = ("tests/test_slurm.py",)  # cluster tests outside the workflow group
+
+
 def pytest_collection_modifyitems(config, items):
     """The workflow group first (its smoke run is the suite's longest chain, so one worker starts
-    it at once while the other takes the files in order; ``make test`` passes
-    ``--no-loadscope-reorder`` so that xdist keeps this order). Stable: files keep their order."""
-    items.sort(key=lambda item: not _in_workflow_group(item))
+    it at once), then the cluster tests that need no smoke run (xdist hands the second group to
+    the other worker at the start, so they hold the cluster while the smoke run is being made
+    and the workflow group's cluster tests, which come after it, find the cluster free: placed
+    among the other files, they waited up to 260 s for the lock), then the other files in
+    order (``make test`` passes ``--no-loadscope-reorder`` so that xdist keeps this order)."""
+    items.sort(key=lambda item: (not _in_workflow_group(item),
+                                 item.nodeid.split("::")[0] not in CLUSTER_FILES))
 
 
 @pytest.fixture

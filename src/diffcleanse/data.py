@@ -22,11 +22,35 @@ class DatasetUnavailable(RuntimeError):
     """A dataset is not on disk (and was not to be downloaded)."""
 
 
-def to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Resize (N, C, h, w) images in [0, 1] to ``image_size`` with 3 channels, values in [-1, 1]."""
+CHUNK_VALUES = 2**20  # values converted at a time (4 MB as float32): no full-size temporaries
+
+
+def chunk_rows(images: torch.Tensor, out_values: int = 0) -> int:
+    """Images per chunk: ``CHUNK_VALUES`` values of the larger of an input image and an output
+    one (``out_values``), at least one."""
+    per_image = max(images[0].numel() if len(images) else 1, out_values, 1)
+    return max(1, CHUNK_VALUES // per_image)
+
+
+def to_model_range(images: torch.Tensor, image_size: int, divide: float = 1.0) -> torch.Tensor:
+    """Resize (N, C, h, w) images in [0, ``divide``] (uint8 with ``divide=255``) to
+    ``image_size`` with 3 channels, values in [-1, 1]. Converted ``chunk_rows`` images at a time
+    into one preallocated float32 tensor, so the peak is the result plus a few MB (each image is
+    resized on its own, so chunking does not change a value)."""
     if images.ndim != 4:
         raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
+    out = torch.empty((len(images), 3, image_size, image_size), dtype=torch.float32,
+                      device=images.device)
+    rows = chunk_rows(images, 3 * image_size**2)
+    for i in range(0, len(images), rows):
+        out[i:i + rows] = _model_range(images[i:i + rows], image_size, divide)
+    return out
+
+
+def _model_range(images: torch.Tensor, image_size: int, divide: float) -> torch.Tensor:
     x = images.float()
+    if divide != 1.0:
+        x = x / divide
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     elif x.shape[1] == 4:
@@ -36,7 +60,7 @@ def to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
         x = F.interpolate(
             x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=down
         )
-    return (x.clamp(0, 1) * 2 - 1).contiguous()
+    return x.clamp(0, 1) * 2 - 1
 
 
 def load_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +96,8 @@ def load_folder(folder: str | Path, image_size: int, limit: int | None = None) -
             f"(recursively); put the dataset's images there or point folder:<path> elsewhere"
         )
     files = files[:limit] if limit else files
-    out = []
-    for f in files:
+    out = torch.empty((len(files), 3, image_size, image_size))
+    for i, f in enumerate(files):
         with safety.open_image(f, what="dataset image") as im:
             if im.mode.split(";")[0] in ("I", "F"):
                 raise safety.InputRefused(
@@ -86,8 +110,9 @@ def load_folder(folder: str | Path, image_size: int, limit: int | None = None) -
             im = im.crop((left, top, left + s, top + s)).resize(
                 (image_size, image_size), Image.Resampling.BICUBIC
             )
-            out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    return to_model_range(torch.stack(out), image_size)
+            img = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            out[i] = to_model_range(img[None], image_size)[0]
+    return out
 
 
 def _torchvision(name: str, root: Path, download: bool):
@@ -148,8 +173,8 @@ def load_dataset(
     elif name in ("cifar10", "mnist", "celeba"):
         ds = _torchvision(name, root, download)
         n = len(ds) if limit is None else min(limit, len(ds))
-        if name == "celeba":
-            imgs, labels = [], None
+        if name == "celeba":  # resized image by image: 64 px, not 178 px, per image in memory
+            out = torch.empty((n, 3, image_size, image_size))
             for i in range(n):
                 im = ds[i][0]
                 s = min(im.size)
@@ -161,14 +186,13 @@ def load_dataset(
                         (im.height + s) // 2,
                     )
                 )
-                imgs.append(
-                    torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
-                )
-            return to_model_range(torch.stack(imgs), image_size), labels
-        data = torch.as_tensor(np.asarray(ds.data[:n]))
+                img = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+                out[i] = to_model_range(img[None], image_size)[0]
+            return out, None
+        data = torch.as_tensor(np.asarray(ds.data[:n]))  # uint8, converted chunk by chunk
         data = data[:, None] if data.ndim == 3 else data.permute(0, 3, 1, 2)
         labels = torch.as_tensor(np.asarray(ds.targets[:n]), dtype=torch.int64)
-        return to_model_range(data.float() / 255.0, image_size), labels
+        return to_model_range(data, image_size, divide=255.0), labels
     else:
         raise ValueError(
             f"unknown dataset {name!r}: use one of {', '.join(KNOWN)} or folder:<path>"

@@ -71,8 +71,15 @@ def utility_label(feature_extractor: str, dataset: str) -> str:
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (N, 3, H, W) -> uint8 in [0, 255] (what torch-fidelity consumes)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    """Images in [-1, 1] (N, 3, H, W) -> uint8 in [0, 255] (what torch-fidelity consumes), on
+    the CPU; ``data.chunk_rows`` images at a time, so a reference set costs one byte per value
+    more, not its float temporaries."""
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    rows = data.chunk_rows(x)
+    for i in range(0, len(x), rows):
+        c = x[i:i + rows].detach().float()
+        out[i:i + rows] = ((c.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return out
 
 
 class UInt8Images(Dataset):

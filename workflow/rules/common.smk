@@ -10,6 +10,7 @@ from snakemake.utils import validate
 
 from diffcleanse.attacks import is_class_target
 from diffcleanse.inversion import get_method
+from diffcleanse import memory as data_memory
 from diffcleanse import permodel
 from diffcleanse.manifest import load_manifest, schema_path
 from diffcleanse.population import PopulationError
@@ -305,13 +306,52 @@ def get_final_output():
     ]
 
 
-def memory(base_mb):
-    """A resources callable: ``base_mb`` MB on the first attempt, growing with every retry."""
+def memory(base_mb, data=None):
+    """A resources callable: ``base_mb`` MB (the interpreter, torch and the model) plus, with
+    ``data``, the MB of the images the job loads whole (``data(wildcards)``, from
+    diffcleanse.memory), on the first attempt; growing with every retry."""
 
     def mem_mb(wildcards, attempt):
-        return base_mb * attempt
+        return (base_mb + (data(wildcards) if data else 0)) * attempt
 
     return mem_mb
+
+
+def _row_data(model, kind):
+    row = MANIFEST.loc[model]
+    limit = config["evaluation"]["fid"]["n_reference"] if kind == "reference" else None
+    return data_memory.data_mb(row["dataset"], int(row["image_size"]), config["data"]["root"],
+                               limit)
+
+
+def training_data(wildcards):
+    """MB of a model's training set and, for a distribution target, its target pool."""
+    row = MANIFEST.loc[wildcards.model]
+    return _row_data(wildcards.model, "train") + data_memory.target_data_mb(
+        row["target"], row["dataset"], int(row["image_size"]), config["data"]["root"])
+
+
+def reference_data(wildcards):
+    """MB of the FID reference an evaluation of the model loads (evaluation.fid.n_reference)."""
+    return _row_data(wildcards.model, "reference")
+
+
+def classifier_data(wildcards):
+    """MB of the training set of the encoder classifier ``wildcards.classifier``."""
+    return _row_data(CLASSIFIERS[wildcards.classifier], "train")
+
+
+def target_classifier_data(wildcards):
+    """MB of the Dout dataset a target classifier trains on."""
+    return data_memory.data_mb(wildcards.dataset, int(wildcards.size), config["data"]["root"])
+
+
+def real_clean_data(wildcards):
+    """MB of the training set that removal's clean data is drawn from (removal.clean_data: real;
+    0 for synthetic clean data)."""
+    if config["removal"].get("clean_data", "synthetic") != "real":
+        return 0
+    return _row_data(wildcards.model, "train")
 
 
 # ---- stage 2 (removal.smk): clean data, importance, pruning, fine-tuning ----

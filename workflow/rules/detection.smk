@@ -20,7 +20,7 @@ rule train_classifier:
         classifier=_alternatives(list(CLASSIFIERS)),
     threads: config["classifier"]["threads"]
     resources:
-        mem_mb=memory(2000),
+        mem_mb=memory(2000, classifier_data),
         runtime=30,
         gpu=1,
     conda:

@@ -27,7 +27,7 @@ rule evaluate_original:
         "results/benchmarks/evaluate/{model}/state~original.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000),
+        mem_mb=memory(4000, reference_data),
         runtime=120,
         gpu=1,
     conda:
@@ -55,7 +55,7 @@ rule evaluate_pruned:
         "results/benchmarks/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/state~pruned.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000),
+        mem_mb=memory(4000, reference_data),
         runtime=120,
         gpu=1,
     conda:
@@ -83,7 +83,7 @@ rule evaluate_finetuned:
         "results/benchmarks/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000),
+        mem_mb=memory(4000, reference_data),
         runtime=120,
         gpu=1,
     conda:
@@ -110,7 +110,7 @@ rule train_target_classifier:
         size=r"\d+",
     threads: config["classifier"]["threads"]
     resources:
-        mem_mb=memory(2000),
+        mem_mb=memory(2000, target_classifier_data),
         runtime=30,
         gpu=1,
     conda:
@@ -239,7 +239,7 @@ rule ablate_entropy_loss:
         "results/benchmarks/ablate_entropy_loss/{model}.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000),
+        mem_mb=memory(4000, reference_data),
         runtime=120,
         gpu=1,
     conda:
@@ -276,7 +276,7 @@ rule ablate_threshold:
         t=r"[0-9]*\.?[0-9]+",
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000),
+        mem_mb=memory(4000, reference_data),
         runtime=120,
         gpu=1,
     conda:

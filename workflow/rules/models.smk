@@ -50,7 +50,7 @@ rule train_model:
     priority: TRAIN_PRIORITY
     threads: config["train"]["threads"]
     resources:
-        mem_mb=memory(4000),
+        mem_mb=memory(4000, training_data),
         runtime=120,
         gpu=1,
     conda:
@@ -83,7 +83,7 @@ rule train_adaptive:
     priority: TRAIN_PRIORITY
     threads: config["train"]["threads"]
     resources:
-        mem_mb=memory(4000),
+        mem_mb=memory(4000, training_data),
         runtime=120,
         gpu=1,
     conda:

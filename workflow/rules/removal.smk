@@ -55,7 +55,7 @@ rule clean_data:
         "results/benchmarks/clean_data/{model}/{source}.tsv"
     threads: config["removal"]["threads"]
     resources:
-        mem_mb=memory(4000),
+        mem_mb=memory(4000, real_clean_data),
         runtime=120,
         gpu=1,
     conda:
