@@ -17,6 +17,7 @@ CelebA at 64 px (162,770 training images) 8.0 GB, where every rule asked a flat 
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -36,10 +37,18 @@ def dataset_images(name: str, root: str | Path = "data", limit: int | None = Non
     else:
         folder = Path(root) / "celebahq" if name == "celebahq" \
             else Path(name.removeprefix("folder:"))
-        n = FOLDER_GUESS
-        if folder.is_dir():
-            n = sum(1 for p in folder.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
+        n = _folder_images(str(folder))
     return min(n, limit) if limit else n
+
+
+@functools.cache
+def _folder_images(folder: str) -> int:
+    """Images under ``folder`` (``FOLDER_GUESS`` when it is not there), counted once per process:
+    every evaluation job of a model asks for it when the DAG is built."""
+    root = Path(folder)
+    if not root.is_dir():
+        return FOLDER_GUESS
+    return sum(1 for p in root.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
 
 
 def data_mb(name: str, image_size: int, root: str | Path = "data",
