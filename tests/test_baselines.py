@@ -348,6 +348,19 @@ def test_terd_window_must_fit_the_chain(tiny_unet):
         inversion.get_method("terd").invert(make_ctx(model), terd.TERDSpec(iterations=1))
 
 
+def test_terd_refinement_checkpointing_changes_the_cost_not_the_trigger(tiny_unet):
+    """Recomputing the chain's UNet calls in the backward (``checkpoint: true``) gives the same
+    gradients as keeping the graph (the default, as in the official code), so the same trigger
+    (what each costs: benchmarks/terd_stages.py)."""
+    model = models.DiffusionModel(tiny_unet, dict(models.build_scheduler(40).config))
+    method = inversion.get_method("terd")
+    kept, ckpt = (method.invert(make_ctx(model, batch=4), terd.TERDSpec(
+        iterations=2, refine_iterations=3, batch=4, checkpoint=c)) for c in (False, True))
+    assert [r["stage"] for r in kept.history] == [1, 1, 2, 2, 2]
+    assert not torch.equal(kept.tensors["stage1_trigger"], kept.trigger)  # stage 2 moved it
+    torch.testing.assert_close(kept.trigger, ckpt.trigger, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- end to end (slow)
 
 # Budgets: Elijah and PureDiffusion run their official/paper settings; TERD's official 3,000 +

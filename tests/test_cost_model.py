@@ -111,6 +111,26 @@ def test_work_scales_with_the_settings_it_reads(smoke):
         f_plain + 5 * int(b.get("restarts", 1)) * per_pass)
 
 
+def test_terd_work_counts_both_stages_and_the_checkpoint_recomputes(smoke):
+    config, manifest = smoke
+    only = copy.deepcopy(config)
+    only["inversion"]["methods"] = ["terd"]
+    only["inversion"]["terd"] = {"iterations": 30, "refine_iterations": 0}
+    refined = copy.deepcopy(only)
+    refined["inversion"]["terd"]["refine_iterations"] = 5
+    ckpt = copy.deepcopy(refined)
+    ckpt["inversion"]["terd"]["checkpoint"] = True
+    s1, s2, s2c = (cost_model.plan_work(c, manifest) for c in (only, refined, ckpt))
+    runs = sum(1 for w in s1.work if w.rule == "invert_trigger")  # models x seeds
+    # stage 1: 2 calls x 16 rows per iteration; stage 2: (10 chain + 4) calls x 16 rows
+    assert _backward(s1, "invert_trigger") == 30 * 2 * 16 * runs
+    assert _backward(s2, "invert_trigger") - _backward(s1, "invert_trigger") == \
+        5 * 14 * 16 * runs
+    assert _forward(s2, "invert_trigger") == _forward(s1, "invert_trigger") > 0  # verdicts
+    assert _forward(s2c, "invert_trigger") - _forward(s2, "invert_trigger") == 5 * 10 * 16 * runs
+    assert not any("terd" in n for n in s2.notes)
+
+
 def test_price_is_rates_times_work_plus_the_fixed_cost():
     plan = cost_model.Plan(work=[
         cost_model.Work("evaluate", "m", "a", forward=1000, batch=64, sampled=1000),

@@ -46,6 +46,10 @@ STAGE_PARAMS: dict[str, tuple[object, set[str], dict[str, str]]] = {
     "evaluation.fid.n_samples": (16, {"evaluate_original", "evaluate_pruned",
                                       "evaluate_finetuned", "ablate_entropy_loss",
                                       "ablate_threshold", "adaptive_snapshot_eval"}, {}),
+    "evaluation.fid.n_reference": (500, {"fid_reference", "evaluate_original", "evaluate_pruned",
+                                         "evaluate_finetuned", "ablate_entropy_loss",
+                                         "ablate_threshold", "adaptive_snapshot_eval",
+                                         "removal_ablation"}, {}),
     "evaluation.figures.entropy_images": (100, {"figure_entropy"}, {}),
 }
 # Rules without config parameters of their own: aggregations, figures drawn from records, and

@@ -47,6 +47,53 @@ def test_fd_of_a_set_with_itself_is_zero_and_grows_with_degradation(digits_class
     assert other < values[-1]
 
 
+def test_reference_statistics_give_torch_fidelitys_fd(digits_classifier, tmp_path):
+    """The FD from a saved reference's statistics equals torch-fidelity's calculate_metrics on
+    the two image sets (the computation every evaluation did before it read the statistics)."""
+    import torch_fidelity
+
+    d, x, _ = digits_classifier
+    g = torch.Generator().manual_seed(1)
+    gen = (x[:300] + 0.3 * torch.randn(x[:300].shape, generator=g)).clamp(-1, 1)
+    ref = x[300:]
+    direct = torch_fidelity.calculate_metrics(
+        input1=ev.UInt8Images(ev.to_uint8(gen)), input2=ev.UInt8Images(ev.to_uint8(ref)),
+        fid=True, batch_size=64, cuda=False, cache=False, save_cpu_ram=True, verbose=False,
+        feature_extractor=ev.CLASSIFIER_EXTRACTOR, feature_layer_fid="features",
+        feature_extractor_weights_path=str(d))["frechet_inception_distance"]
+    path = tmp_path / "ref.safetensors"
+    ev.save_fid_statistics(ev.fid_statistics(ref, classifier_dir=d), path)
+    stats = ev.load_fid_statistics(path)
+    out = ev.frechet_distance(gen, stats, classifier_dir=d, dataset="digits")
+    assert out["value"] == direct > 0
+    assert out["n_reference"] == len(ref) and out["n_generated"] == 300
+    assert ev.frechet_distance(gen, ref, classifier_dir=d)["value"] == direct
+
+
+def test_reference_statistics_of_another_extractor_or_a_bad_file_are_refused(
+        digits_classifier, tmp_path):
+    d, x, _ = digits_classifier
+    path = tmp_path / "ref.safetensors"
+    ev.save_fid_statistics(ev.fid_statistics(x[:100], classifier_dir=d), path)
+    other = tmp_path / "other_classifier"
+    import shutil
+
+    shutil.copytree(d, other)
+    with pytest.raises(ev.EvaluationError, match="rerun the rule fid_reference"):
+        ev.frechet_distance(x[:50], ev.load_fid_statistics(path), classifier_dir=other)
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({"mu": torch.zeros(3)}, pickled)  # a pickle under the right name: never loaded
+    with pytest.raises(ev.EvaluationError, match="not a FID statistics file"):
+        ev.load_fid_statistics(pickled)
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"mu": np.zeros(4, np.float32), "sigma": np.zeros((3, 3))}, str(tmp_path / "b.st"),
+              metadata={"n": "5", "feature_extractor": "{}"})
+    with pytest.raises(ev.EvaluationError, match="do not describe one Gaussian"):
+        ev.load_fid_statistics(tmp_path / "b.st")
+
+
 def test_utility_labels_never_call_a_substitute_fid():
     assert ev.utility_label("inception", "cifar10") == "FID"
     assert ev.utility_label("classifier", "digits") == "FD-digits-cls"
@@ -221,6 +268,17 @@ def test_evaluate_model_on_the_tiny_zoo(tiny_zoo, digits_classifier, tmp_path):
         classifier_dir=str(cls_dir),
     )
     assert again["utility"] == pytest.approx(bd["utility"]) and again["asr_real"] == bd["asr_real"]
+    # against the reference's statistics (rule fid_reference) instead of its images: the same FD
+    stats = tmp_path / "reference.safetensors"
+    ev.write_reference_statistics(stats, "digits", size, classifier_dir=str(cls_dir),
+                                  batch_size=64)
+    by_stats = ev.evaluate_model(
+        tiny_zoo["backdoored"], tmp_path / "backdoored.json", tmp_path / "stats.json",
+        tmp_path / "stats.safetensors", params, classifier_dir=str(cls_dir),
+        reference_stats=str(stats),
+    )
+    assert by_stats["utility"] == bd["utility"]
+    assert by_stats["details"]["utility"]["n_reference"] == bd["details"]["utility"]["n_reference"]
     out = tmp_path / "before_after.png"
     reporting.before_after(
         tmp_path / "backdoored" / "metrics.json",

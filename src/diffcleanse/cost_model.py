@@ -15,7 +15,9 @@ one (``backward``, each a forward and a backward pass) that the config asks for:
   passes per iteration for ``zeroth_order`` and a backward through ``whitebox_steps`` steps for
   ``whitebox`` (its checkpointing counted as the extra forward it is), plus ``explore`` passes per
   start for the candidates sampled before the first step; Elijah's epochs of one UNet
-  call at T on its batch plus one verdict pass; per seed;
+  call at T on its batch plus one verdict pass; TERD's stage 1 (two calls per row) and stage 2
+  (its ``refine_steps`` chain and four calls per row, the chain's checkpoint recomputes counted
+  as forwards) on its batch, plus one verdict pass; per seed (PureDiffusion: start-up only);
 * ``clean_data``: the synthetic clean images through the clean sampler's chain;
 * ``importance``: the importance batch through one ascending pass over the clean timesteps (t > T,
   or every timestep when a score or Diff-Pruning's prefix needs them: an upper bound) and one over
@@ -75,7 +77,7 @@ HUB_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
 }
 # Heavy rules whose work this model does not count (their jobs count at the fixed cost only).
-UNMODELLED = ("adaptive_snapshot_eval", "elijah_removal", "train_classifier",
+UNMODELLED = ("adaptive_snapshot_eval", "elijah_removal", "fid_reference", "train_classifier",
               "train_target_classifier")
 
 
@@ -220,6 +222,7 @@ def _by_size(value: Any, r: Mapping[str, Any], key: str) -> Any:
 
 def plan_work(config: Mapping[str, Any], manifest) -> Plan:
     """The UNet work of every model's chain under ``config`` (a merged workflow config)."""
+    from diffcleanse.inversion import get_method
     from diffcleanse.removal import methods as removal_methods
     from diffcleanse.removal.finetune import FinetuneConfig
     from diffcleanse.removal.importance import threshold_timestep
@@ -250,12 +253,12 @@ def plan_work(config: Mapping[str, Any], manifest) -> Plan:
             add(rule, backward=float(r["train_steps"]) * batch, batch=batch)
         else:
             add("fetch_model")
-        # stage 1: every configured method (LDM rows run the methods that support them)
+        # stage 1: every configured method that supports the row's model type
         B = int(_by_size(inv["batch_size"], r, "inversion.batch_size"))
         S = chain(inv.get("steps"))
         for method in det_methods:
-            if method == "elijah" and r["model_type"] == "ldm":
-                continue
+            if r["model_type"] not in get_method(method).model_types:
+                continue  # the workflow leaves the pair out (common.smk _check_methods)
             if method == "bbti":
                 b = inv.get("bbti", {})
                 iters = int(b.get("max_iters", 100))
@@ -278,6 +281,16 @@ def plan_work(config: Mapping[str, Any], manifest) -> Plan:
                 f = B * S * seeds
                 add("invert_trigger", forward=f, backward=epochs * B * seeds, jobs=seeds,
                     sampled=f, batch=B)
+            elif method == "terd":
+                t = inv.get("terd", {}) or {}
+                iters, tb = int(t.get("iterations", 3000)), int(t.get("batch", 16))
+                refine = t.get("refine_iterations")
+                refine = iters // 3 if refine is None else int(refine)
+                chain_rows = refine * int(t.get("refine_steps", 10)) * tb
+                f = B * S * seeds
+                add("invert_trigger", backward=(iters * 2 * tb + chain_rows + refine * 4 * tb)
+                    * seeds, forward=f + (chain_rows * seeds if t.get("checkpoint") else 0),
+                    jobs=seeds, sampled=f, batch=tb)
             else:
                 add("invert_trigger", jobs=seeds)
                 note = f"invert_trigger[{method}]: work not modelled (fixed cost only)"

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -151,32 +152,24 @@ if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(CLASSIFIER_EXTRACTOR, ClassifierFeatureExtractor)
 
 
-def frechet_distance(
-    generated: torch.Tensor,
-    reference: torch.Tensor,
-    *,
-    feature_extractor: str = "classifier",
-    classifier_dir: str | Path | None = None,
-    inception_weights: str | Path | None = None,
-    dataset: str = "data",
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Fréchet distance of two image sets in [-1, 1] through ``torch_fidelity.calculate_metrics``.
+@dataclass(frozen=True)
+class FidStatistics:
+    """The Gaussian of a set's features that a Fréchet distance compares (torch-fidelity's
+    ``mu`` and ``sigma``, in the dtypes it computes them in), with what extracted them."""
 
-    ``inception``: FID with Inception-v3 (``inception_weights``: a local torch-fidelity weights
-    file, loaded by torch-fidelity with ``torch.load``, so name only a file you trust; None:
-    torch-fidelity downloads its own). ``classifier``: the registered classifier extractor over
-    ``classifier_dir``. Returns the value, its label and what produced it.
-    """
-    import torch_fidelity
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    feature_extractor: dict[str, Any]  # name, layer, weights or classifier (frechet_distance)
 
+
+def _extractor_kwargs(feature_extractor: str, classifier_dir: str | Path | None,
+                      inception_weights: str | Path | None) -> tuple[dict[str, Any], dict]:
+    """torch-fidelity's keyword arguments for an extractor, and the record's description."""
     if feature_extractor not in FEATURE_EXTRACTORS:
         raise ValueError(
             f"unknown feature extractor {feature_extractor!r}: use {', '.join(FEATURE_EXTRACTORS)}"
         )
-    if min(len(generated), len(reference)) < 2:
-        raise ValueError("need at least two images in each set for a Fréchet distance")
     kwargs: dict[str, Any] = {}
     if feature_extractor == "inception":
         kwargs |= {"feature_extractor": INCEPTION, "feature_layer_fid": "2048"}
@@ -207,19 +200,32 @@ def frechet_distance(
             "classifier": str(classifier_dir),
             "classifier_holdout_accuracy": meta.get("meta", {}).get("holdout_accuracy"),
         }
+    return kwargs, detail
+
+
+def fid_statistics(
+    images: torch.Tensor,
+    *,
+    feature_extractor: str = "classifier",
+    classifier_dir: str | Path | None = None,
+    inception_weights: str | Path | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> FidStatistics:
+    """The feature statistics of ``images`` in [-1, 1], by torch-fidelity's own extraction
+    (``get_featuresdict_from_dataset``, ``fid_featuresdict_to_statistics``): what
+    ``calculate_metrics`` computes for each input of a FID, so a reference set's statistics can
+    be computed once and compared with many generated sets (``frechet_distance``)."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    if len(images) < 2:
+        raise ValueError("need at least two images in each set for a Fréchet distance")
+    kwargs, detail = _extractor_kwargs(feature_extractor, classifier_dir, inception_weights)
     cuda = torch.device(device).type == "cuda"
+    name, layer = kwargs.pop("feature_extractor"), kwargs.pop("feature_layer_fid")
     try:
-        metrics = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(to_uint8(generated)),
-            input2=UInt8Images(to_uint8(reference)),
-            fid=True,
-            batch_size=batch_size,
-            cuda=cuda,
-            cache=False,
-            save_cpu_ram=True,
-            verbose=False,
-            **kwargs,
-        )
+        extractor = create_feature_extractor(name, [layer], cuda=cuda, verbose=False, **kwargs)
     except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError
         if feature_extractor == "inception" and not inception_weights:
             raise EvaluationError(
@@ -229,12 +235,118 @@ def frechet_distance(
                 f"evaluation.fid.feature_extractor: classifier (reported as FD-<dataset>-cls)."
             ) from err
         raise
+    feats = get_featuresdict_from_dataset(UInt8Images(to_uint8(images)), extractor, batch_size,
+                                          cuda, True, False)
+    stats = fid_featuresdict_to_statistics(feats, layer)
+    return FidStatistics(mu=stats["mu"], sigma=stats["sigma"], n=len(images),
+                         feature_extractor=detail)
+
+
+def save_fid_statistics(stats: FidStatistics, path: str | Path) -> None:
+    """Write ``stats`` as one safetensors file (its description in the file's metadata)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        arrays = {"mu": np.ascontiguousarray(stats.mu), "sigma": np.ascontiguousarray(stats.sigma)}
+        save_file(arrays, str(tmp), metadata={
+            "n": str(stats.n), "feature_extractor": json.dumps(stats.feature_extractor)})
+
+
+def load_fid_statistics(path: str | Path) -> FidStatistics:
+    """Read what ``save_fid_statistics`` wrote (safetensors: no pickle), checking its shapes."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            mu, sigma = f.get_tensor("mu"), f.get_tensor("sigma")
+        stats = FidStatistics(mu=mu, sigma=sigma, n=int(meta["n"]),
+                              feature_extractor=json.loads(meta["feature_extractor"]))
+    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        raise EvaluationError(f"{path} is not a FID statistics file ({err}): rerun the rule "
+                              f"fid_reference (delete the file)") from err
+    d = len(stats.mu)
+    if stats.mu.ndim != 1 or stats.sigma.shape != (d, d):
+        raise EvaluationError(f"{path}: mu {stats.mu.shape} and sigma {stats.sigma.shape} do "
+                              f"not describe one Gaussian: rerun the rule fid_reference")
+    return stats
+
+
+def write_reference_statistics(
+    path: str | Path,
+    dataset: str,
+    image_size: int,
+    *,
+    feature_extractor: str = "classifier",
+    classifier_dir: str | Path | None = None,
+    inception_weights: str | Path | None = None,
+    n_reference: int | None = None,
+    batch_size: int = 64,
+    data_root: str = "data",
+    download: bool = False,
+    device: str | torch.device = "cpu",
+) -> FidStatistics:
+    """Load a dataset's FID reference (its first ``n_reference`` training images, all when None)
+    and write its feature statistics to ``path`` (what ``evaluate_model`` reads)."""
+    ref, _ = data.load_dataset(dataset, int(image_size), data_root, limit=n_reference,
+                               download=download)
+    stats = fid_statistics(ref, feature_extractor=feature_extractor, classifier_dir=classifier_dir,
+                           inception_weights=inception_weights, batch_size=batch_size,
+                           device=device)
+    save_fid_statistics(stats, path)
+    return stats
+
+
+def _same_extractor(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("name", "layer", "weights", "classifier")
+    return all(str(a.get(k)) == str(b.get(k)) for k in keys)
+
+
+def frechet_distance(
+    generated: torch.Tensor,
+    reference: torch.Tensor | FidStatistics,
+    *,
+    feature_extractor: str = "classifier",
+    classifier_dir: str | Path | None = None,
+    inception_weights: str | Path | None = None,
+    dataset: str = "data",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Fréchet distance of two image sets in [-1, 1], by torch-fidelity's extraction and its
+    ``fid_statistics_to_metric`` (the computation of ``calculate_metrics``).
+
+    ``reference`` is images or their ``FidStatistics`` (computed once per dataset by the rule
+    fid_reference; its extractor must be this one). ``inception``: FID with Inception-v3
+    (``inception_weights``: a local torch-fidelity weights file, loaded by torch-fidelity with
+    ``torch.load``, so name only a file you trust; None: torch-fidelity downloads its own).
+    ``classifier``: the registered classifier extractor over ``classifier_dir``. Returns the
+    value, its label and what produced it.
+    """
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    opts = {"feature_extractor": feature_extractor, "classifier_dir": classifier_dir,
+            "inception_weights": inception_weights, "batch_size": batch_size, "device": device}
+    if not isinstance(reference, FidStatistics) and min(len(generated), len(reference)) < 2:
+        raise ValueError("need at least two images in each set for a Fréchet distance")
+    gen = fid_statistics(generated, **opts)
+    ref = reference if isinstance(reference, FidStatistics) else fid_statistics(reference, **opts)
+    if not _same_extractor(gen.feature_extractor, ref.feature_extractor):
+        raise EvaluationError(
+            f"the reference statistics were extracted with {ref.feature_extractor}, this "
+            f"evaluation extracts with {gen.feature_extractor}: rerun the rule fid_reference")
+    value = fid_statistics_to_metric({"mu": gen.mu, "sigma": gen.sigma},
+                                     {"mu": ref.mu, "sigma": ref.sigma}, False)[KEY_METRIC_FID]
     return {
         "metric": utility_label(feature_extractor, dataset),
-        "value": float(metrics["frechet_inception_distance"]),
-        "feature_extractor": detail,
+        "value": float(value),
+        "feature_extractor": gen.feature_extractor,
         "n_generated": len(generated),
-        "n_reference": len(reference),
+        "n_reference": ref.n,
     }
 
 
@@ -398,11 +510,13 @@ def evaluate_model(
     device: str = "cpu",
     allow_pickle: bool = False,
     utility: bool = True,
+    reference_stats: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model state and write its metrics record and a few samples (for figures).
 
     Utility (unless ``utility`` is False): ``fid_n_samples`` clean samples against the training
-    data. For backdoored models
+    data, or against its feature statistics when ``reference_stats`` names them (the rule
+    fid_reference's file; ``load_fid_statistics``). For backdoored models
     (card ground truth): ASR of ``asr_n_samples`` backdoor samples with the real trigger and, when
     ``inverted_trigger`` is given, with the inverted one (same noise for both). ``variant`` names
     the removal setting (strategy, ratio, loss) of pruned/fine-tuned states. ``method_triggers``
@@ -456,10 +570,14 @@ def evaluate_model(
     util: dict[str, Any] | None = None
     n_ref = None
     if utility:
-        ref, _ = data.load_dataset(
-            row["dataset"], size, data_root, limit=spec.n_reference, download=download
-        )
-        n_ref = len(ref)
+        if reference_stats:
+            ref: torch.Tensor | FidStatistics = load_fid_statistics(reference_stats)
+            n_ref = ref.n
+        else:
+            ref, _ = data.load_dataset(
+                row["dataset"], size, data_root, limit=spec.n_reference, download=download
+            )
+            n_ref = len(ref)
         util = frechet_distance(
             clean,
             ref,
@@ -720,6 +838,7 @@ def ablate_threshold(
     scores: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     classifier_dir: str | None = None,
+    reference_stats: str | Path | None = None,
     class_classifier_dir: str | None = None,
     data_root: str = "data",
     download: bool = False,
@@ -779,6 +898,7 @@ def ablate_threshold(
                 "t_threshold_frac": float(t_threshold_frac),
             },
             classifier_dir=classifier_dir,
+            reference_stats=reference_stats,
             class_classifier_dir=class_classifier_dir,
             inverted_trigger=str(trigger_path),
             data_root=data_root,

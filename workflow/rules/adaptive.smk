@@ -25,7 +25,7 @@ rule adaptive_snapshot_eval:
         step=r"\d+",
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000, reference_data),
+        mem_mb=memory(4000),
         runtime=60,
         gpu=1,
     conda:

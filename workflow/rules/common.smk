@@ -331,11 +331,6 @@ def training_data(wildcards):
         row["target"], row["dataset"], int(row["image_size"]), config["data"]["root"])
 
 
-def reference_data(wildcards):
-    """MB of the FID reference an evaluation of the model loads (evaluation.fid.n_reference)."""
-    return _row_data(wildcards.model, "reference")
-
-
 def classifier_data(wildcards):
     """MB of the training set of the encoder classifier ``wildcards.classifier``."""
     return _row_data(CLASSIFIERS[wildcards.classifier], "train")
@@ -682,13 +677,51 @@ def class_classifier_path(model):
     return f"results/evaluation/classifiers/{kind}_{int(MANIFEST.loc[model, 'image_size'])}"
 
 
+def fid_inputs(model):
+    """What a model's utility needs: the FID reference's feature statistics (rule fid_reference,
+    one per dataset and size) and, for the classifier extractor, that classifier."""
+    out = {"fid_reference": f"results/fid_reference/{classifier_key(model)}.safetensors"}
+    if EVAL["fid"]["feature_extractor"] == "classifier":
+        out["fid_classifier"] = f"results/classifiers/{classifier_key(model)}"
+    return out
+
+
+def get_fid_reference_inputs(wildcards):
+    if EVAL["fid"]["feature_extractor"] == "classifier":
+        return {"fid_classifier": f"results/classifiers/{wildcards.reference}"}
+    return {}
+
+
+def get_fid_reference_params(wildcards):
+    """The dataset and what the statistics depend on (not the generated side's settings, so
+    changing the sample count or sampler does not recompute them)."""
+    m = CLASSIFIERS[wildcards.reference]
+    fid = EVAL["fid"]
+    return canonical(
+        {
+            "dataset": str(MANIFEST.loc[m, "dataset"]),
+            "image_size": int(MANIFEST.loc[m, "image_size"]),
+            "feature_extractor": fid["feature_extractor"],
+            "inception_weights": fid["inception_weights"],
+            "n_reference": fid["n_reference"],
+            "batch_size": fid["batch_size"],
+            "data_root": config["data"]["root"],
+            "download": config["data"]["download"],
+        }
+    )
+
+
+def fid_reference_data(wildcards):
+    """MB of the FID reference set the rule fid_reference loads (evaluation.fid.n_reference)."""
+    return _row_data(CLASSIFIERS[wildcards.reference], "reference")
+
+
 def _eval_common_inputs(model):
     out = {
         "card": f"results/models/{model}/card.json",
         "trigger": f"results/detection/{model}/trigger.safetensors",
+        **fid_inputs(model),
     }
-    if EVAL["fid"]["feature_extractor"] == "classifier":
-        out["fid_classifier"] = f"results/classifiers/{classifier_key(model)}"
     cls = class_classifier_path(model)
     if cls:
         out["class_classifier"] = cls

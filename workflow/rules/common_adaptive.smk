@@ -40,8 +40,7 @@ def adaptive_snapshot_records():
 def get_snapshot_eval_inputs(wildcards):
     m = wildcards.model
     out = {"snapshots": f"results/models/{m}/snapshots", "card": f"results/models/{m}/card.json"}
-    if EVAL["fid"]["feature_extractor"] == "classifier":
-        out["fid_classifier"] = f"results/classifiers/{classifier_key(m)}"
+    out.update(fid_inputs(m))
     cls = class_classifier_path(m)
     if cls:
         out["class_classifier"] = cls

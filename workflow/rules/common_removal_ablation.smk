@@ -47,8 +47,7 @@ def get_removal_ablation_inputs(wildcards):
     }
     if wildcards.trigger != "none":
         out["trigger"] = trigger_file(m, wildcards.trigger)
-    if EVAL["fid"]["feature_extractor"] == "classifier":
-        out["fid_classifier"] = f"results/classifiers/{classifier_key(m)}"
+    out.update(fid_inputs(m))
     cls = class_classifier_path(m)
     if cls:
         out["class_classifier"] = cls

@@ -7,6 +7,33 @@
 # Input and param functions: common.smk, section "evaluation".
 
 
+rule fid_reference:
+    # The FID reference's feature statistics, once per dataset and size: every evaluation of
+    # that data compares its samples with them instead of extracting the reference again.
+    input:
+        unpack(get_fid_reference_inputs),
+    output:
+        stats="results/fid_reference/{reference}.safetensors",
+    params:
+        reference=get_fid_reference_params,
+        device=config["device"],
+    log:
+        "results/logs/fid_reference/{reference}.log",
+    benchmark:
+        "results/benchmarks/fid_reference/{reference}.tsv"
+    wildcard_constraints:
+        reference=r"[^/]+",
+    threads: EVAL["threads"]
+    resources:
+        mem_mb=memory(4000, fid_reference_data),
+        runtime=120,
+        gpu=1,
+    conda:
+        "../../envs/diffcleanse.yaml"
+    script:
+        "../scripts/fid_reference.py"
+
+
 rule evaluate_original:
     input:
         unpack(get_eval_original_inputs),
@@ -27,7 +54,7 @@ rule evaluate_original:
         "results/benchmarks/evaluate/{model}/state~original.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000, reference_data),
+        mem_mb=memory(4000),
         runtime=120,
         gpu=1,
     conda:
@@ -55,7 +82,7 @@ rule evaluate_pruned:
         "results/benchmarks/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/state~pruned.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000, reference_data),
+        mem_mb=memory(4000),
         runtime=120,
         gpu=1,
     conda:
@@ -83,7 +110,7 @@ rule evaluate_finetuned:
         "results/benchmarks/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000, reference_data),
+        mem_mb=memory(4000),
         runtime=120,
         gpu=1,
     conda:
@@ -239,7 +266,7 @@ rule ablate_entropy_loss:
         "results/benchmarks/ablate_entropy_loss/{model}.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000, reference_data),
+        mem_mb=memory(4000),
         runtime=120,
         gpu=1,
     conda:
@@ -276,7 +303,7 @@ rule ablate_threshold:
         t=r"[0-9]*\.?[0-9]+",
     threads: EVAL["threads"]
     resources:
-        mem_mb=memory(4000, reference_data),
+        mem_mb=memory(4000),
         runtime=120,
         gpu=1,
     conda:

@@ -22,7 +22,7 @@ rule removal_ablation:
         "results/benchmarks/removal_ablation/{model}/trigger~{trigger}.tsv"
     threads: config["removal"]["ablation"]["threads"]
     resources:
-        mem_mb=memory(4000, reference_data),
+        mem_mb=memory(4000),
         runtime=240,
         gpu=1,
     conda:

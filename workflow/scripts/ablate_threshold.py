@@ -22,6 +22,7 @@ rec = evaluation.ablate_threshold(
     scores=params.scores,
     allow_pickle=params.allow_pickle,
     classifier_dir=inp.get("fid_classifier"),
+    reference_stats=inp.get("fid_reference"),
     class_classifier_dir=inp.get("class_classifier"),
     data_root=params.evaluation["data_root"],
     download=params.evaluation["download"],

@@ -18,6 +18,7 @@ rec = evaluation.evaluate_model(
     state="original",
     variant={"snapshot_step": params.step},
     classifier_dir=inp.get("fid_classifier"),
+    reference_stats=inp.get("fid_reference"),
     class_classifier_dir=inp.get("class_classifier"),
     data_root=params.evaluation["data_root"],
     download=params.evaluation["download"],

@@ -16,6 +16,7 @@ rec = evaluation.evaluate_model(
     state=params.state,
     variant=params.variant,
     classifier_dir=inp.get("fid_classifier"),
+    reference_stats=inp.get("fid_reference"),
     class_classifier_dir=inp.get("class_classifier"),
     inverted_trigger=inp.trigger,
     method_triggers=dict(zip(params.methods, inp.method_triggers, strict=True))

@@ -28,6 +28,7 @@ rec = ablation.run_ablation(
     seeds=p["seeds"],
     groupnorm=p["groupnorm"],
     classifier_dir=inp.get("fid_classifier"),
+    reference_stats=inp.get("fid_reference"),
     class_classifier_dir=inp.get("class_classifier"),
     data_root=p["data_root"],
     download=p["download"],

@@ -22,6 +22,11 @@ schedule, batch 16, μ_0 ~ −U(0, 1):
   ``½[L(x̂_0, μ, t_hi, 1) + L(x̂_0, μ, t_lo, 0)] − λ‖μ‖₁`` with t_hi ~ U{T−w .. T−1} and
   t_lo ~ U{0 .. w−1}, the gradient's norm clipped to 0.01.
 
+Cost: a stage-2 iteration is a differentiable 10-step chain (10 forwards, 10 backwards) plus two
+stage-1 losses, so it costs about 10 stage-1 iterations (``benchmarks/terd_stages.py``). The chain
+keeps its graph, as the official code does; ``checkpoint: true`` recomputes each UNet call in the
+backward instead (about 1.4 x the time, for a tenth of the chain's activation memory).
+
 Departures: the official stage-2 DDIM scheduler is a fixed CIFAR-10 schedule with diffusers'
 default ``clip_sample=True``; here it is the model's own schedule and never clips (``samplers``).
 
@@ -69,6 +74,7 @@ class TERDSpec:
     refine_steps: int = 10  # DDIM steps of stage 2's generation
     clip_norm: float = 0.01
     init: str = "neg_uniform"
+    checkpoint: bool = False  # stage 2: recompute each UNet call of the chain in the backward
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -199,7 +205,8 @@ class TERD(InversionMethod):
             ddim = samplers.SamplerSpec("ddim", steps=spec.refine_steps)
             for it in range(spec.iterations, spec.iterations + spec.refine):
                 noise = torch.randn((b, *ctx.shape), generator=g).to(dev)
-                x0 = samplers.denoise(ctx.unet, cfg, noise + mu, ddim, grad=True)
+                x0 = samplers.denoise(ctx.unet, cfg, noise + mu, ddim, grad=True,
+                                      checkpoint=spec.checkpoint)
                 t_hi = torch.randint(T - spec.window, T, (b,), generator=g).to(dev)
                 t_lo = torch.randint(0, spec.window, (b,), generator=g).to(dev)
                 loss = 0.5 * (reversed_loss(ctx.unet, abar, x0, mu, t_hi, True, g)

@@ -109,7 +109,8 @@ class Evaluator:
 
     def __init__(self, card: dict[str, Any], ev: AblationEval, size: int, *,
                  classifier_dir: str | None, class_classifier_dir: str | None, data_root: str,
-                 download: bool, base_seed: int, device: torch.device) -> None:
+                 download: bool, base_seed: int, device: torch.device,
+                 reference_stats: str | Path | None = None) -> None:
         self.row, self.gt = card["manifest_row"], card["ground_truth"]
         if not self.gt["backdoored"]:
             raise ValueError(f"{self.row['model_id']} is a clean model: the removal ablation "
@@ -117,8 +118,15 @@ class Evaluator:
         self.ev, self.device = ev, device
         self.size = int(size)
         self.classifier_dir = classifier_dir
-        self.ref, _ = data.load_dataset(self.row["dataset"], self.size, data_root,
-                                        limit=ev.n_reference, download=download)
+        # the reference's feature statistics, read (rule fid_reference) or extracted once here
+        if reference_stats:
+            self.ref = evaluation.load_fid_statistics(reference_stats)
+        else:
+            ref, _ = data.load_dataset(self.row["dataset"], self.size, data_root,
+                                       limit=ev.n_reference, download=download)
+            self.ref = evaluation.fid_statistics(
+                ref, feature_extractor=ev.feature_extractor, classifier_dir=classifier_dir,
+                inception_weights=ev.inception_weights, batch_size=ev.batch_size, device=device)
         self.sampler = sampling.SamplerSpec(name=self.row["sampler"], steps=ev.steps)
         mid = self.row["model_id"]
         self.seeds = {"clean": derive_seed(base_seed, mid, "evaluate", "clean"),
@@ -184,6 +192,7 @@ def run_ablation(model_dir: str | Path, card_path: str | Path, data_path: str | 
                  importance_cfg: imp.ImportanceConfig, finetune_cfg: ft.FinetuneConfig,
                  eval_cfg: AblationEval, seeds: list[int], groupnorm: str = "exact",
                  classifier_dir: str | None = None, class_classifier_dir: str | None = None,
+                 reference_stats: str | Path | None = None,
                  data_root: str = "data", download: bool = False, base_seed: int = 0,
                  device: str = "cpu", allow_pickle: bool = False,
                  progress: bool = False) -> dict[str, Any]:
@@ -205,7 +214,8 @@ def run_ablation(model_dir: str | Path, card_path: str | Path, data_path: str | 
     images = load_images(data_path)
     measure = Evaluator(card, eval_cfg, shape[-1], classifier_dir=classifier_dir,
                         class_classifier_dir=class_classifier_dir, data_root=data_root,
-                        download=download, base_seed=base_seed, device=dev)
+                        download=download, base_seed=base_seed, device=dev,
+                        reference_stats=reference_stats)
     base, base_grid = measure.measure(original, sched_cfg)
     grids = {f"original/{k}": v for k, v in base_grid.items()}
     log.info("%s original: FD %.3f, ASR %.2f, out of range %.3f", mid, base["utility"],
