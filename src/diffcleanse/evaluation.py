@@ -203,24 +203,13 @@ def _extractor_kwargs(feature_extractor: str, classifier_dir: str | Path | None,
     return kwargs, detail
 
 
-def fid_statistics(
-    images: torch.Tensor,
-    *,
-    feature_extractor: str = "classifier",
-    classifier_dir: str | Path | None = None,
-    inception_weights: str | Path | None = None,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> FidStatistics:
-    """The feature statistics of ``images`` in [-1, 1], by torch-fidelity's own extraction
-    (``get_featuresdict_from_dataset``, ``fid_featuresdict_to_statistics``): what
-    ``calculate_metrics`` computes for each input of a FID, so a reference set's statistics can
-    be computed once and compared with many generated sets (``frechet_distance``)."""
-    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+def _feature_extractor(feature_extractor: str, classifier_dir: str | Path | None,
+                       inception_weights: str | Path | None, device: str | torch.device
+                       ) -> tuple[FeatureExtractorBase, str, dict[str, Any], bool]:
+    """torch-fidelity's extractor (built once per call site), its FID layer, its description
+    and whether it runs on CUDA."""
+    from torch_fidelity.utils import create_feature_extractor
 
-    if len(images) < 2:
-        raise ValueError("need at least two images in each set for a Fréchet distance")
     kwargs, detail = _extractor_kwargs(feature_extractor, classifier_dir, inception_weights)
     cuda = torch.device(device).type == "cuda"
     name, layer = kwargs.pop("feature_extractor"), kwargs.pop("feature_layer_fid")
@@ -235,11 +224,40 @@ def fid_statistics(
                 f"evaluation.fid.feature_extractor: classifier (reported as FD-<dataset>-cls)."
             ) from err
         raise
+    return extractor, layer, detail, cuda
+
+
+def _statistics(images: torch.Tensor, extractor: FeatureExtractorBase, layer: str,
+                detail: dict[str, Any], batch_size: int, cuda: bool) -> FidStatistics:
+    """torch-fidelity's extraction and statistics of one set (``get_featuresdict_from_dataset``,
+    ``fid_featuresdict_to_statistics``: what ``calculate_metrics`` does for each input)."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
     feats = get_featuresdict_from_dataset(UInt8Images(to_uint8(images)), extractor, batch_size,
                                           cuda, True, False)
     stats = fid_featuresdict_to_statistics(feats, layer)
     return FidStatistics(mu=stats["mu"], sigma=stats["sigma"], n=len(images),
                          feature_extractor=detail)
+
+
+def fid_statistics(
+    images: torch.Tensor,
+    *,
+    feature_extractor: str = "classifier",
+    classifier_dir: str | Path | None = None,
+    inception_weights: str | Path | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> FidStatistics:
+    """The feature statistics of ``images`` in [-1, 1], as ``calculate_metrics`` computes them
+    for each input of a FID, so a reference set's statistics can be computed once and compared
+    with many generated sets (``frechet_distance``)."""
+    if len(images) < 2:
+        raise ValueError("need at least two images in each set for a Fréchet distance")
+    extractor, layer, detail, cuda = _feature_extractor(feature_extractor, classifier_dir,
+                                                        inception_weights, device)
+    return _statistics(images, extractor, layer, detail, batch_size, cuda)
 
 
 def save_fid_statistics(stats: FidStatistics, path: str | Path) -> None:
@@ -276,6 +294,28 @@ def load_fid_statistics(path: str | Path) -> FidStatistics:
     return stats
 
 
+def reference_statistics(
+    dataset: str,
+    image_size: int,
+    *,
+    feature_extractor: str = "classifier",
+    classifier_dir: str | Path | None = None,
+    inception_weights: str | Path | None = None,
+    n_reference: int | None = None,
+    batch_size: int = 64,
+    data_root: str = "data",
+    download: bool = False,
+    device: str | torch.device = "cpu",
+) -> FidStatistics:
+    """The feature statistics of a dataset's FID reference: its first ``n_reference`` training
+    images (all when None)."""
+    ref, _ = data.load_dataset(dataset, int(image_size), data_root, limit=n_reference,
+                               download=download)
+    return fid_statistics(ref, feature_extractor=feature_extractor, classifier_dir=classifier_dir,
+                          inception_weights=inception_weights, batch_size=batch_size,
+                          device=device)
+
+
 def write_reference_statistics(
     path: str | Path,
     dataset: str,
@@ -290,13 +330,12 @@ def write_reference_statistics(
     download: bool = False,
     device: str | torch.device = "cpu",
 ) -> FidStatistics:
-    """Load a dataset's FID reference (its first ``n_reference`` training images, all when None)
-    and write its feature statistics to ``path`` (what ``evaluate_model`` reads)."""
-    ref, _ = data.load_dataset(dataset, int(image_size), data_root, limit=n_reference,
-                               download=download)
-    stats = fid_statistics(ref, feature_extractor=feature_extractor, classifier_dir=classifier_dir,
-                           inception_weights=inception_weights, batch_size=batch_size,
-                           device=device)
+    """Write ``reference_statistics`` to ``path`` (what ``evaluate_model`` reads)."""
+    stats = reference_statistics(dataset, image_size, feature_extractor=feature_extractor,
+                                 classifier_dir=classifier_dir,
+                                 inception_weights=inception_weights, n_reference=n_reference,
+                                 batch_size=batch_size, data_root=data_root, download=download,
+                                 device=device)
     save_fid_statistics(stats, path)
     return stats
 
@@ -329,12 +368,14 @@ def frechet_distance(
     """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
-    opts = {"feature_extractor": feature_extractor, "classifier_dir": classifier_dir,
-            "inception_weights": inception_weights, "batch_size": batch_size, "device": device}
-    if not isinstance(reference, FidStatistics) and min(len(generated), len(reference)) < 2:
+    if min(len(generated), reference.n if isinstance(reference, FidStatistics)
+           else len(reference)) < 2:
         raise ValueError("need at least two images in each set for a Fréchet distance")
-    gen = fid_statistics(generated, **opts)
-    ref = reference if isinstance(reference, FidStatistics) else fid_statistics(reference, **opts)
+    extractor, layer, detail, cuda = _feature_extractor(feature_extractor, classifier_dir,
+                                                        inception_weights, device)
+    gen = _statistics(generated, extractor, layer, detail, batch_size, cuda)
+    ref = reference if isinstance(reference, FidStatistics) \
+        else _statistics(reference, extractor, layer, detail, batch_size, cuda)
     if not _same_extractor(gen.feature_extractor, ref.feature_extractor):
         raise EvaluationError(
             f"the reference statistics were extracted with {ref.feature_extractor}, this "

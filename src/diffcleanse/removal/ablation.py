@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from diffcleanse import data, evaluation, models, patterns, sampling
+from diffcleanse import evaluation, models, patterns, sampling
 from diffcleanse.records import atomic_path, derive_seed, make_record, read_json, write_json
 from diffcleanse.removal import finetune as ft
 from diffcleanse.removal import importance as imp
@@ -122,11 +122,11 @@ class Evaluator:
         if reference_stats:
             self.ref = evaluation.load_fid_statistics(reference_stats)
         else:
-            ref, _ = data.load_dataset(self.row["dataset"], self.size, data_root,
-                                       limit=ev.n_reference, download=download)
-            self.ref = evaluation.fid_statistics(
-                ref, feature_extractor=ev.feature_extractor, classifier_dir=classifier_dir,
-                inception_weights=ev.inception_weights, batch_size=ev.batch_size, device=device)
+            self.ref = evaluation.reference_statistics(
+                self.row["dataset"], self.size, feature_extractor=ev.feature_extractor,
+                classifier_dir=classifier_dir, inception_weights=ev.inception_weights,
+                n_reference=ev.n_reference, batch_size=ev.batch_size, data_root=data_root,
+                download=download, device=device)
         self.sampler = sampling.SamplerSpec(name=self.row["sampler"], steps=ev.steps)
         mid = self.row["model_id"]
         self.seeds = {"clean": derive_seed(base_seed, mid, "evaluate", "clean"),
