@@ -15,8 +15,6 @@ import http.server
 import json
 import os
 import pickle
-import re
-import resource
 import shutil
 import socket
 import struct
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from child_helpers import in_child
 from PIL import Image
 
 from diffcleanse import data, models, patterns, safety
@@ -46,45 +45,6 @@ def model_dir(tmp_path, tiny_unet) -> Path:
     d = tmp_path / "model"
     models.save_model(tiny_unet, models.build_scheduler(50), d)
     return d
-
-
-def _status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def in_child(fn, headroom_mb: int = 1500) -> dict:
-    """Run ``fn`` in a forked child with its address space capped at the current size plus
-    ``headroom_mb``; returns its error (type and message, or None) and its peak RSS growth in
-    MB (None where the peak cannot be reset)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(r)
-        out: dict = {"error": None, "growth_mb": None}
-        try:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
-                base = _status("VmRSS")
-                reset = True
-            except OSError:
-                base, reset = 0, False
-            vm = _status("VmSize") * 1024
-            cap = vm + (headroom_mb << 20)
-            resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
-            try:
-                fn()
-            except BaseException as err:  # noqa: BLE001 - reported to the parent
-                out["error"] = f"{type(err).__name__}: {err}"
-            if reset:
-                out["growth_mb"] = (_status("VmHWM") - base) / 1024
-        finally:
-            os.write(w, json.dumps(out).encode())
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as fh:
-        raw = fh.read()
-    os.waitpid(pid, 0)
-    return json.loads(raw)
 
 
 def _rewrite_header(path: Path, edit) -> None:

@@ -310,6 +310,19 @@ def test_a_zoo_too_small_for_a_methods_detector_stops_before_any_job(tmp_path):
     assert not (wd / "results").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_stops_before_any_job(tmp_path):
+    """`device: cuda` on a machine without one: one clear error as the run starts, no job run."""
+    wd = workdir_copy(tmp_path)
+    proc = run_snakemake(wd, "--cores", "1", "--configfile", "config/smoke.yaml", "--config",
+                         "device=cuda", check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "nothing was run: device 'cuda' was asked for but this machine has no CUDA GPU" in out
+    assert "`device: auto` (or cpu)" in out
+    assert not (wd / "results").exists()  # no job started, nothing written
+
+
 def test_bad_manifest_stops_before_any_job(tmp_path):
     wd = workdir_copy(tmp_path)
     bad = (wd / "config/zoo-smoke.tsv").read_text().replace("baddiffusion", "badnets")

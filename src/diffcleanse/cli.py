@@ -166,6 +166,7 @@ def _scan(args: argparse.Namespace, started: float) -> int:
     from pathlib import Path
 
     from diffcleanse import scan
+    from diffcleanse.oom import lower_on_oom
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -189,13 +190,14 @@ def _scan(args: argparse.Namespace, started: float) -> int:
                                  "is not among the methods (--method)")
         if args.clip_model and config is not None:
             config["detection"]["clip_model"] = args.clip_model
-        rec = scan.scan_model(args.model, out, methods=methods, sampler=args.sampler,
-                              steps=args.steps, encoder=args.encoder,
-                              target_kind=args.target_kind, seed=args.seed,
-                              allow_pickle=args.allow_pickle, image_size=args.image_size,
-                              device=args.device, threads=args.threads,
-                              batch_size=args.batch_size, method_overrides={"bbti": bbti},
-                              config=config, verbose=args.verbose, started=started)
+        with lower_on_oom("--batch-size", stage="the scan", where="on the command line"):
+            rec = scan.scan_model(args.model, out, methods=methods, sampler=args.sampler,
+                                  steps=args.steps, encoder=args.encoder,
+                                  target_kind=args.target_kind, seed=args.seed,
+                                  allow_pickle=args.allow_pickle, image_size=args.image_size,
+                                  device=args.device, threads=args.threads,
+                                  batch_size=args.batch_size, method_overrides={"bbti": bbti},
+                                  config=config, verbose=args.verbose, started=started)
     except KeyboardInterrupt:
         print(f"diffcleanse scan: interrupted; rerun the same command to resume "
               f"({scan.state_dir_for(out)})", file=sys.stderr)
@@ -216,6 +218,7 @@ def _scan(args: argparse.Namespace, started: float) -> int:
 def _do_repair(args: argparse.Namespace, trigger, out, prefix: str, name: str) -> int:
     """Prune and fine-tune ``args.model`` with ``trigger`` into ``out``; 0 done, 2 error."""
     from diffcleanse import models, sampling
+    from diffcleanse.oom import lower_on_oom
     from diffcleanse.removal import ElijahConfig, FinetuneConfig, stages
 
     def opt(key: str):
@@ -229,12 +232,14 @@ def _do_repair(args: argparse.Namespace, trigger, out, prefix: str, name: str) -
         model_dir = models.fetch(args.model, allow_pickle=args.allow_pickle)
         cfg = FinetuneConfig(epochs=opt("epochs"), lr=opt("lr"), batch_size=opt("batch_size"))
         eli = ElijahConfig(epochs=opt("epochs"), lr=opt("lr"), batch_size=opt("batch_size"))
-        rec = stages.repair_model(model_dir, trigger, out, strategy=opt("strategy"),
-                                  ratio=opt("ratio"), loss=opt("loss"),
-                                  n_synthetic=opt("samples"), sampler=args.sampler,
-                                  sampler_steps=args.steps, finetune=cfg, elijah_cfg=eli,
-                                  seed=args.seed, allow_pickle=args.allow_pickle,
-                                  device=str(sampling.resolve_device(args.device)))
+        flag = f"--{prefix.replace('_', '-')}batch-size"
+        with lower_on_oom(flag, stage="the repair", where="on the command line"):
+            rec = stages.repair_model(model_dir, trigger, out, strategy=opt("strategy"),
+                                      ratio=opt("ratio"), loss=opt("loss"),
+                                      n_synthetic=opt("samples"), sampler=args.sampler,
+                                      sampler_steps=args.steps, finetune=cfg, elijah_cfg=eli,
+                                      seed=args.seed, allow_pickle=args.allow_pickle,
+                                      device=str(sampling.resolve_device(args.device)))
     except Exception as err:  # every failure becomes exit status 2 with its message
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2

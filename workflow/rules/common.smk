@@ -40,6 +40,18 @@ def _resolve_row_paths(manifest):
     return manifest
 
 
+onstart:
+    # `device: cuda` where this machine runs the jobs and has no GPU stops here, before any job
+    # (under a cluster executor the jobs run on its nodes: each checks its own node as it starts)
+    if workflow.local_exec and config["device"] == "cuda":
+        from diffcleanse.sampling import DeviceUnavailable, resolve_device
+
+        try:
+            resolve_device(config["device"])
+        except DeviceUnavailable as err:
+            raise WorkflowError(f"nothing was run: {err}") from None
+
+
 WORKFLOW_DIR = Path(workflow.basedir)
 MANIFEST = _resolve_row_paths(load_manifest(_from_workflow(config["manifest"])))
 try:  # local paths must stay inside data.root when data.confine_local says so (issue 15)

@@ -6,20 +6,22 @@ from diffcleanse.logs import log_to
 log = log_to(snakemake.log[0], snakemake.threads)  # noqa: F821
 
 from diffcleanse import sampling, zoo  # noqa: E402
+from diffcleanse.oom import lower_on_oom  # noqa: E402
 
 params, out = snakemake.params, snakemake.output  # noqa: F821
 train = dict(params.train)
 if "snapshots" in out.keys():  # noqa: SIM118 (a Namedlist: `in` tests values)
     train["snapshot_every"] = params.snapshot_every
-card = zoo.train_model(
-    params.row,
-    train,
-    out.model,
-    out.card,
-    init_dir=snakemake.input.get("init"),  # noqa: F821
-    checkpoint_dir=params.checkpoint_dir,
-    device=str(sampling.resolve_device(params.device)),
-    base_seed=params.seed,
-    snapshot_dir=out.get("snapshots"),
-)
+with lower_on_oom("train.batch_size", stage="training"):
+    card = zoo.train_model(
+        params.row,
+        train,
+        out.model,
+        out.card,
+        init_dir=snakemake.input.get("init"),  # noqa: F821
+        checkpoint_dir=params.checkpoint_dir,
+        device=str(sampling.resolve_device(params.device)),
+        base_seed=params.seed,
+        snapshot_dir=out.get("snapshots"),
+    )
 log.info("done in %.1f s", card["seconds"])

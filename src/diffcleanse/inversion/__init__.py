@@ -19,6 +19,8 @@ workflow rule's file-to-file step.
 
 from __future__ import annotations
 
+import dataclasses
+
 from diffcleanse.inversion.base import (
     Context,
     InversionError,
@@ -49,7 +51,15 @@ def get_method(name: str) -> InversionMethod:
     return METHODS[name]
 
 
+def batch_keys(name: str) -> list[str]:
+    """The config keys that size a method's batches: the verdict batch, and its own (every
+    setting of its Spec named ``batch`` or ``*_batch``), for an out-of-memory message."""
+    own = [f.name for f in dataclasses.fields(get_method(name).Spec)
+           if f.name == "batch" or f.name.endswith("_batch")]
+    return ["inversion.batch_size", *(f"inversion.{name}.{k}" for k in own)]
+
+
 __all__ = ["BBTI", "BBTISpec", "METHODS", "OUTPUT_FILES", "TERD", "Context", "Elijah",
            "ElijahSpec", "InversionError", "InversionMethod", "InversionResult", "MethodResult",
-           "PureDiffusion", "PureDiffusionSpec", "TERDSpec", "get_method", "invert_model",
-           "run_method", "seeds_for"]
+           "PureDiffusion", "PureDiffusionSpec", "TERDSpec", "batch_keys", "get_method",
+           "invert_model", "run_method", "seeds_for"]
