@@ -12,6 +12,11 @@
 #
 #     benchmarks/gpu.sh                 # from the repository root, with .venv (or PYTHON=...)
 #     benchmarks/gpu.sh --reps 5        # extra options go to benchmarks/stages.py
+#     benchmarks/gpu.sh --precision bf16   # the same under bf16 autocast (or tf32)
+#
+# Whether TF32 and bf16 keep the verdicts and ASRs there (needs a finished default run in results/):
+#     .venv/bin/python benchmarks/precision.py --device cuda --precisions fp32 tf32 bf16 \
+#         --encoder classifier:results/classifiers/digits_16
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -56,7 +56,16 @@ from typing import Any
 
 import torch
 
-from diffcleanse import detection, encoders, evaluation, inversion, models, samplers, zoo
+from diffcleanse import (
+    detection,
+    encoders,
+    evaluation,
+    inversion,
+    models,
+    precision,
+    samplers,
+    zoo,
+)
 from diffcleanse.classifiers import SmallCNN, save_classifier
 from diffcleanse.cost_model import HUB_ARCHITECTURES
 from diffcleanse.inversion.base import UNetCounter
@@ -165,7 +174,7 @@ def build_arch(name: str, device: str, steps: int | None) -> Arch:
         arch = HUB_ARCHITECTURES["hub-ddpm-32"]
         unet = UNet2DModel(**{k: v for k, v in arch.items() if k != "timesteps"})
         sched = models.build_scheduler(int(arch["timesteps"]))
-    unet = unet.to(device).eval().requires_grad_(False)
+    unet = precision.attach(unet.to(device).eval().requires_grad_(False))  # --precision
     T = int(sched.config.num_train_timesteps)
     return Arch(name, unet, dict(sched.config), steps or (T if name == "default" else 10))
 
@@ -431,6 +440,8 @@ def main() -> None:
                         "cifar; BBTI's verdict batch, 2 at least)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=precision.PRECISIONS, default="fp32",
+                   help="of every UNet evaluation, the references' too (diffcleanse.precision)")
     p.add_argument("--reps", type=int, default=2, help="repetitions (the best is kept)")
     p.add_argument("--ref-calls", type=int, default=2,
                    help="reference calls of each kind per repetition")
@@ -454,6 +465,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    precision.set_precision(args.precision)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU here")
     default, per = parse_batches(args.batch)

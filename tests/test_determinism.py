@@ -51,6 +51,12 @@ STAGE_PARAMS: dict[str, tuple[object, set[str], dict[str, str]]] = {
                                          "ablate_threshold", "adaptive_snapshot_eval",
                                          "removal_ablation"}, {}),
     "evaluation.figures.entropy_images": (100, {"figure_entropy"}, {}),
+    # every rule that evaluates a UNet (and detect_method, whose record states it)
+    "precision": ("bf16", {"train_model", "train_adaptive", "invert_trigger", "detect_method",
+                           "evaluate_original", "evaluate_pruned", "evaluate_finetuned",
+                           "ablate_entropy_loss", "ablate_threshold", "adaptive_snapshot_eval",
+                           "clean_data", "importance", "finetune", "elijah_removal",
+                           "removal_ablation"}, {}),
 }
 # Rules without config parameters of their own: aggregations, figures drawn from records, and
 # rules whose only params are the DAG's shape (methods, seeds, run_on, the adaptive models):

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--image-size", type=int, default=None,
                       help="refuse the model unless its sample size is this")
     scan.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    scan.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                      help="of the UNet evaluations: fp32, tf32 (CUDA tensor cores) or bf16 "
+                           "autocast (docs/cluster.md, Precision)")
     scan.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     scan.add_argument("--verbose", "-v", action="store_true",
                       help="print every iteration of every method (default: a progress bar)")
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--seed", type=int, default=0)
     fix.add_argument("--allow-pickle", action="store_true")
     fix.add_argument("--device", default="auto")
+    fix.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     fix.add_argument("--threads", type=int, default=None)
     return p
 
@@ -262,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "patterns":
         return _patterns(args)
+    if args.command in ("scan", "repair"):
+        from diffcleanse.precision import set_precision
+
+        set_precision(args.precision)  # before any model is loaded
     if args.command == "scan":
         return _scan(args, started)
     if args.command == "repair":

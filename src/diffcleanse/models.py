@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from diffcleanse import precision
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -40,7 +42,7 @@ def build_unet(
     up = ["UpBlock2D"] * n
     if attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    return UNet2DModel(
+    return precision.attach(UNet2DModel(
         sample_size=image_size,
         in_channels=in_channels,
         out_channels=in_channels,
@@ -50,7 +52,7 @@ def build_unet(
         up_block_types=tuple(up),
         norm_num_groups=norm_num_groups,
         attention_head_dim=attention_head_dim,
-    )
+    ))
 
 
 def build_scheduler(
@@ -225,7 +227,7 @@ def load_model(
             f"{path}: {len(bad)} weight tensors hold NaN/inf (first: {bad[0]}); "
             f"the model is corrupt"
         )
-    return unet.to(device).eval(), sched_cfg
+    return precision.attach(unet.to(device).eval()), sched_cfg
 
 
 def scheduler_from_config(cfg: dict[str, Any]):
@@ -304,7 +306,8 @@ def build_ncsn_unet(image_size: int, **unet_kwargs: Any) -> UNet2DModel:
     cfg = dict(unet.config)
     cfg["time_embedding_type"] = "fourier"
     cfg["flip_sin_to_cos"] = True
-    return UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    return precision.attach(
+        UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")}))
 
 
 def build_vqvae(in_channels: int = 3, block_out_channels: tuple[int, ...] = (32, 64),

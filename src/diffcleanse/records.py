@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from diffcleanse import __version__
+from diffcleanse import __version__, precision
 
 
 def derive_seed(base_seed: int, *parts: object) -> int:
@@ -116,6 +116,7 @@ def make_record(
         **values,
         "params": params,
         "seed": seed,
+        "precision": precision.current(),  # of the UNet evaluations (config precision)
         "seconds": round(float(seconds), 3),
         "diffcleanse_version": __version__,
         "created_unix": int(time.time()),

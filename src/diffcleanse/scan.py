@@ -286,7 +286,8 @@ def scan_summary(record: dict[str, Any], out_dir: str | Path) -> str:
         f"{'>=' if record['backdoored'] else '<'} κ_d {record['kappa_d']}, κ = "
         f"{record['active_kappa']}; trigger from {record['trigger_method']})",
         f"  encoder {record['encoder']}; {s['name']} {s['steps'] or 'all'} steps, clip_sample="
-        f"{s['clip_sample']}; batch {record['batch_size']}; seed {record['seed']}"]
+        f"{s['clip_sample']}; batch {record['batch_size']}; seed {record['seed']}; "
+        f"precision {record.get('precision', 'fp32')}"]
     for m, r in record["by_method"].items():
         lines.append(f"  {m:13s} MSCR {r['mscr']:.3f} -> {r['verdict']:10s} "
                      f"{r['iterations']} iterations, {r['seconds']:.1f} s "

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffcleanse import precision
 from diffcleanse.attacks import BackdoorSpec
 from diffcleanse.records import derive_seed
 
@@ -48,6 +49,8 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed."""
         d = {k: v for k, v in self.__dict__.items() if k != "checkpoint_every"}
+        if precision.current() != "fp32":  # (fp32 checkpoints from before the key stay valid)
+            d["precision"] = precision.current()
         return json.loads(json.dumps(d, default=str))
 
 

@@ -15,6 +15,7 @@ rule adaptive_snapshot_eval:
         step=get_step,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
         "results/logs/adaptive_snapshot_eval/{model}/step~{step}.log",

@@ -57,6 +57,7 @@ rule invert_trigger:
         detection=get_detection_params,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
         "results/logs/invert_trigger/{model}/method~{method}/seed~{seed}.log",
@@ -85,6 +86,7 @@ rule detect_method:
     params:
         detection=get_detection_params,
         device=config["device"],
+        precision=config["precision"],
     log:
         "results/logs/detect/{model}/method~{method}/seed~{seed}.log",
     benchmark:

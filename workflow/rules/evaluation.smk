@@ -47,6 +47,7 @@ rule evaluate_original:
         variant=get_variant,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
         "results/logs/evaluate/{model}/state~original.log",
@@ -75,6 +76,7 @@ rule evaluate_pruned:
         variant=get_variant,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
         "results/logs/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/state~pruned.log",
@@ -103,6 +105,7 @@ rule evaluate_finetuned:
         variant=get_variant,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
         "results/logs/evaluate/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/loss~{loss}/state~finetuned.log",
@@ -260,6 +263,7 @@ rule ablate_entropy_loss:
         evaluation=get_eval_params,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
     log:
         "results/logs/ablate_entropy_loss/{model}.log",
     benchmark:
@@ -295,6 +299,7 @@ rule ablate_threshold:
         groupnorm=REMOVAL["groupnorm"],
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
     log:
         "results/logs/ablate_threshold/threshold~{t}/{model}.log",
     benchmark:

@@ -40,6 +40,7 @@ rule train_model:
         train=get_train_params,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         checkpoint_dir="results/checkpoints/train_model/{model}",
     log:
         "results/logs/train_model/{model}.log",
@@ -73,6 +74,7 @@ rule train_adaptive:
         snapshot_every=get_snapshot_every,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         checkpoint_dir="results/checkpoints/train_model/{model}",
     log:
         "results/logs/train_model/{model}.log",

@@ -48,6 +48,7 @@ rule clean_data:
         data=get_clean_data_params,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
         "results/logs/clean_data/{model}/{source}.log",
@@ -75,6 +76,7 @@ rule importance:
         kinds=get_importance_kinds,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
         "results/logs/importance/{model}/trigger~{trigger}.log",
@@ -136,6 +138,7 @@ rule finetune:
         finetune=get_finetune_params,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
         checkpoint_dir="results/checkpoints/finetune/{model}/trigger~{trigger}/strategy~{strategy}/ratio~{ratio}/loss~{loss}",
     log:
@@ -172,6 +175,7 @@ rule elijah_removal:
         elijah=get_elijah_params,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
         checkpoint_dir="results/checkpoints/elijah/{model}/trigger~{trigger}",
     log:

@@ -15,6 +15,7 @@ rule removal_ablation:
         ablation=get_removal_ablation_params,
         seed=config["seed"],
         device=config["device"],
+        precision=config["precision"],
         allow_pickle=config["models"]["allow_pickle"],
     log:
         "results/logs/removal_ablation/{model}/trigger~{trigger}.log",

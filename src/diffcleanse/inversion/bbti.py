@@ -474,6 +474,7 @@ class _Run:
 
     # ---- resumable state (``ctx.state_dir``): everything the loop needs, after each iteration
     def _fingerprint(self) -> str:
+        from diffcleanse import precision
         from diffcleanse.records import params_hash
 
         ctx = self.ctx
@@ -481,7 +482,9 @@ class _Run:
                             "noise_seeds": ctx.noise_seeds[:4], "n": len(ctx.noise_seeds),
                             "sampler": ctx.sampler.describe(), "starts": [s.index for s in
                                                                            self.starts],
-                            "detect": ctx.detect.describe(), "encoder": ctx.encoder.name})
+                            "detect": ctx.detect.describe(), "encoder": ctx.encoder.name,
+                            **({} if precision.current() == "fp32"
+                               else {"precision": precision.current()})})
 
     def _paths(self) -> tuple[Path, Path] | None:
         if self.ctx.state_dir is None:
