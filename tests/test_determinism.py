@@ -51,8 +51,10 @@ STAGE_PARAMS: dict[str, tuple[object, set[str], dict[str, str]]] = {
                                          "ablate_threshold", "adaptive_snapshot_eval",
                                          "removal_ablation"}, {}),
     "evaluation.figures.entropy_images": (100, {"figure_entropy"}, {}),
-    # every rule that evaluates a UNet (and detect_method, whose record states it)
+    # every rule that evaluates a UNet (and detect_method, whose record states it; fid_reference,
+    # whose features must be made as the evaluations make theirs: TF32 or not)
     "precision": ("bf16", {"train_model", "train_adaptive", "invert_trigger", "detect_method",
+                           "fid_reference",
                            "evaluate_original", "evaluate_pruned", "evaluate_finetuned",
                            "ablate_entropy_loss", "ablate_threshold", "adaptive_snapshot_eval",
                            "clean_data", "importance", "finetune", "elijah_removal",

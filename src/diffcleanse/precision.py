@@ -2,16 +2,20 @@
 
 One setting per process (a workflow job, a scan), like its thread count: ``set_precision`` at the
 start, then every UNet that ``models`` loads or builds is ``attach``-ed. Only the denoiser's own
-evaluations change: samplers' updates, losses, optimiser states, the FID's feature extractor and
-the classifiers stay fp32, so FID statistics computed once serve every precision.
+evaluations run in bf16: samplers' updates, losses, optimiser states, the FID's feature extractor
+and the classifiers stay fp32.
 
 - ``fp32``: strict float32 (TF32 off for matmuls and cuDNN convolutions; torch's own default lets
   cuDNN convolutions use TF32 on Ampere and later GPUs).
 - ``tf32``: TF32 tensor cores for CUDA matmuls and convolutions (10-bit mantissa inputs, fp32
   accumulation). CUDA only: on CPU it is fp32.
 - ``bf16``: ``torch.autocast(dtype=torch.bfloat16)`` around each UNet call, outputs cast back to
-  fp32; weights and gradients stay fp32 (mixed precision, no loss scaling needed for bf16). On a
-  CPU with AMX or AVX512-BF16 it is faster too.
+  fp32; weights and gradients stay fp32 (mixed precision, no loss scaling needed for bf16). On
+  this project's CPU (AMX) a bare forward of the default UNet took 0.72 × its fp32 time, whole
+  sampling chains 0.83–1.13 × (docs/cluster.md, "Precision").
+
+The setting is per job: ``fid_reference`` takes it too, so that the FID's two sides are made by
+the same convolutions (TF32 or not).
 
 Every record names the precision it was made with (``records.make_record``).
 """

@@ -17,6 +17,7 @@ rule fid_reference:
     params:
         reference=get_fid_reference_params,
         device=config["device"],
+        precision=config["precision"],  # TF32 or not: the features of both FD sides alike
     log:
         "results/logs/fid_reference/{reference}.log",
     benchmark:

@@ -4,6 +4,10 @@ from diffcleanse.logs import log_to
 
 log = log_to(snakemake.log[0], snakemake.threads)  # noqa: F821
 
+from diffcleanse.precision import set_precision  # noqa: E402
+
+set_precision(snakemake.params.precision)  # noqa: F821
+
 from diffcleanse import evaluation, sampling  # noqa: E402
 from diffcleanse.oom import lower_on_oom  # noqa: E402
 
