@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-from diffcleanse import __version__, attacks, data, models, patterns, sampling, training
+from diffcleanse import (
+    __version__,
+    attacks,
+    data,
+    models,
+    patterns,
+    precision,
+    sampling,
+    training,
+)
 from diffcleanse.attacks import trojdiff
 from diffcleanse.records import atomic_path, derive_seed, params_hash, write_json
 
@@ -412,6 +421,7 @@ def train_model(
             "steps": cfg.steps,
             "lr": lr,
             "batch_size": cfg.batch_size,
+            "precision": precision.current(),  # of its UNet evaluations (config precision)
             "resumed_from_step": hist["resumed_from"],
             "init": str(init_dir or ""),
             "final_loss": sum(tail) / max(1, len(tail)),
