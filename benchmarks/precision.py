@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def sample(model, sampler, noise: torch.Tensor, seeds: list[int], r: torch.Tensor | None

@@ -49,8 +49,8 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed."""
         d = {k: v for k, v in self.__dict__.items() if k != "checkpoint_every"}
-        if precision.current() != "fp32":  # (fp32 checkpoints from before the key stay valid)
-            d["precision"] = precision.current()
+        if (prec := precision.current()) != "fp32":  # fp32 checkpoints from before stay valid
+            d["precision"] = prec
         return json.loads(json.dumps(d, default=str))
 
 
