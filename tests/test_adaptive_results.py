@@ -15,7 +15,8 @@ def _write(path: Path, obj: dict) -> str:
 
 
 def _card(tmp: Path, model: str, lam: float) -> str:
-    row = {"model_id": model, "attack": "adaptive", "attack_params": f"lambda={lam:g}"}
+    row = {"model_id": model, "attack": "adaptive", "attack_params": f"lambda={lam:g}",
+           "train_steps": 400}
     return _write(tmp / model / "card.json", {"model_id": model, "manifest_row": row})
 
 
@@ -30,8 +31,11 @@ def test_fig14_and_table8(tmp_path: Path) -> None:
     cards = {m: _card(tmp_path, m, lam) for m, lam in (("a0", 0.0), ("a1", 1e-3))}
     snaps = [_rec(tmp_path, m, f"s{k}", utility=2.0 / k, variant={"snapshot_step": 100 * k})
              for m in cards for k in (1, 2, 3)]
+    # the last point is the trained model's own evaluation record (no snapshot_step)
+    snaps.append(_rec(tmp_path, "a0", "final", utility=0.4))
     df = adaptive_results.fig14_frame(snaps, cards)
-    assert list(df["step"][df["model"] == "a0"]) == [100, 200, 300]
+    assert list(df["step"][df["model"] == "a0"]) == [100, 200, 300, 400]
+    assert list(df["utility"][df["model"] == "a0"])[-1] == 0.4
     assert set(df["lambda"]) == {0.0, 1e-3}
     adaptive_results.plot_fig14(df, [tmp_path / "fig14.png"])
     assert (tmp_path / "fig14.png").stat().st_size > 1000

@@ -290,6 +290,43 @@ def test_evaluate_model_on_the_tiny_zoo(tiny_zoo, digits_classifier, tmp_path):
     assert out.stat().st_size > 1000
 
 
+def test_a_method_trigger_equal_to_the_chosen_one_is_not_sampled_twice(
+        tiny_zoo, digits_classifier, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from diffcleanse import patterns
+
+    cls_dir, _, _ = digits_classifier
+    recipe = tiny_zoo["recipe"]
+    params = {"fid": {"feature_extractor": "classifier", "n_samples": 16, "batch_size": 16},
+              "asr": {"n_samples": 16, "mse_threshold": 0.05}}
+    real = patterns.render_trigger(recipe["trigger"], recipe["image_size"])
+    chosen, same, other = (tmp_path / f"{n}.safetensors" for n in ("chosen", "same", "other"))
+    save_file({"trigger": real}, str(chosen))
+    save_file({"trigger": real.clone()}, str(same))  # another file, the same values
+    save_file({"trigger": real + 1e-3}, str(other))
+    card = _card(tmp_path / "card.json", "tiny-backdoored", True, recipe)
+    calls = []
+    sample = ev.sampling.sample
+    monkeypatch.setattr(ev.sampling, "sample", lambda *a, **k: calls.append(k["desc"])
+                        or sample(*a, **k))
+    recs = {}
+    for name, trig in (("same", same), ("other", other)):
+        calls.clear()
+        recs[name] = ev.evaluate_model(
+            tiny_zoo["backdoored"], card, tmp_path / name / "metrics.json",
+            tmp_path / name / "samples.safetensors", params, classifier_dir=str(cls_dir),
+            inverted_trigger=str(chosen), method_triggers={"bbti": str(trig)})
+        recs[name]["calls"] = list(calls)
+    assert "backdoor (bbti)" not in recs["same"]["calls"]
+    assert recs["other"]["calls"] == [*recs["same"]["calls"], "backdoor (bbti)"]
+    by = recs["same"]["inverted_by_method"]["bbti"]
+    assert by["asr"] == recs["same"]["asr_inverted"]
+    assert by["l2_to_true_trigger"] == 0.0
+    grid = load_file(str(tmp_path / "same" / "samples.safetensors"))
+    assert torch.equal(grid["backdoor_bbti"], grid["backdoor_inverted"])
+
+
 # ---- tables --------------------------------------------------------------------------------
 
 

@@ -25,13 +25,18 @@ def lambda_of(card: dict[str, Any]) -> float:
 
 def fig14_frame(snapshot_records: Iterable[str | Path], cards: dict[str, str | Path]
                 ) -> pd.DataFrame:
-    """One row per (model, training step): lambda, utility, its label, real-trigger ASR."""
+    """One row per (model, training step): lambda, utility, its label, real-trigger ASR. A record
+    without a ``snapshot_step`` is the trained model's own evaluation: its step is the card's
+    ``train_steps``."""
     rows = []
     for p in snapshot_records:
         r = read_json(p)
         card = read_json(cards[r["model"]])
+        step = (r.get("variant") or {}).get("snapshot_step")
+        if step is None:
+            step = card["manifest_row"]["train_steps"]
         rows.append({"model": r["model"], "lambda": lambda_of(card),
-                     "step": int(r["variant"]["snapshot_step"]), "utility": r["utility"],
+                     "step": int(step), "utility": r["utility"],
                      "utility_metric": r["utility_metric"], "asr_real": r["asr_real"],
                      "sampler": r["sampler"]})
     cols = ["model", "lambda", "step", "utility", "utility_metric", "asr_real", "sampler"]

@@ -659,22 +659,28 @@ def evaluate_model(
             clean_hit = asr_image(clean, tgt, spec.mse_threshold)
         else:
             clean_hit = asr_class(clean, classifier, class_target(gt["target"])[1])
+        chosen: tuple[torch.Tensor, torch.Tensor] | None = None  # stage 1's trigger, its samples
         if inverted_trigger:
             inv = load_file(str(inverted_trigger))["trigger"]
             x = _defender_samples(dm, inv, asr_sampler, spec, bd_seed, "backdoor (inverted)")
             asr_inv = _asr(x, gt["target"], gt["trigger"], kind, spec, classifier)
             grid["backdoor_inverted"] = x[:GRID_SAMPLES]
+            chosen = (inv, x)
         uniform_real = uniform_score(x_real)
         for method, path in (method_triggers or {}).items():
             inv = load_file(str(path))["trigger"]
-            x = _defender_samples(dm, inv, asr_sampler, spec, bd_seed, f"backdoor ({method})")
+            if chosen is not None and torch.equal(inv, chosen[0]):
+                x = chosen[1]  # the chosen trigger is this method's: same seed, same samples
+            else:
+                x = _defender_samples(dm, inv, asr_sampler, spec, bd_seed,
+                                      f"backdoor ({method})")
             by_method[method] = {
                 "asr": _asr(x, gt["target"], gt["trigger"], kind, spec, classifier)["value"],
                 "uniform_score": uniform_score(x),
                 "l2_to_true_trigger": float((inv.float() - real.float()).norm())
                 if tuple(inv.shape) == tuple(real.shape) else None,
                 "trigger_norm": float(inv.float().norm()), "trigger": str(path)}
-            grid[f"backdoor_{method}"] = x[:GRID_SAMPLES]
+            grid[f"backdoor_{method}"] = x[:GRID_SAMPLES].clone()  # safetensors refuses shares
         log.info(
             "%s %s: ASR real %.3f, inverted %s",
             model_id,

@@ -32,9 +32,15 @@ def adaptive_outputs():
 
 
 def adaptive_snapshot_records():
-    return [
-        f"results/adaptive/{m}/step~{k}/metrics.json" for m in ADAPTIVE for k in snapshot_steps(m)
-    ]
+    """Fig. 14's records: each checkpoint before the last, then the trained model's own evaluation
+    (the last checkpoint is the model: evaluated with the same seeds, it gives the same record)."""
+    out = []
+    for m in ADAPTIVE:
+        final = int(MANIFEST.loc[m, "train_steps"])
+        steps = [k for k in snapshot_steps(m) if k < final]
+        out += [f"results/adaptive/{m}/step~{k}/metrics.json" for k in steps]
+        out.append(f"results/evaluation/{m}/state~original/metrics.json")
+    return out
 
 
 def get_snapshot_eval_inputs(wildcards):
