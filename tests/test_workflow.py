@@ -296,6 +296,30 @@ def test_default_run_inverts_every_model_with_every_method(tmp_path, overlay, me
     assert counts["detection_table"] == 1
 
 
+def test_oracle_removal_overlay_repairs_every_backdoored_model_from_its_true_trigger(tmp_path):
+    """config/oracle-removal.yaml plans removal on each backdoored model of the default zoo, and
+    on no clean one, from the card's trigger (trigger~true): clean data, importance, both
+    methods' pruning and fine-tuning and the evaluation of every state; without the checkpoint
+    (run_on: backdoored does not wait for detection)."""
+    import yaml
+
+    wd = workdir_copy(tmp_path)
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    rows = [line.split("\t") for line in (wd / cfg["manifest"]).read_text().splitlines()]
+    attack = rows[0].index("attack")
+    backdoored = [r[0] for r in rows[1:] if r[attack] != "none"]
+    assert 0 < len(backdoored) < len(rows) - 1
+    out = run_snakemake(wd, "-n", "--configfile", "config/oracle-removal.yaml", timeout=300).stdout
+    counts = _job_counts(out)
+    n, methods = len(backdoored), len(cfg["removal"]["strategies"])
+    assert counts["true_trigger"] == counts["clean_data"] == counts["importance"] == n
+    assert counts["removal_summary"] == n
+    assert counts["prune"] == counts["finetune"] == n * methods
+    assert counts["evaluate_pruned"] == counts["evaluate_finetuned"] == n * methods
+    planned = set(re.findall(r"results/removal/([^/\s]+)/trigger~(\w+)/importance\.json", out))
+    assert planned == {(m, "true") for m in backdoored}
+
+
 def test_a_zoo_too_small_for_a_methods_detector_stops_before_any_job(tmp_path):
     """The smoke zoo has one clean model: Elijah's forest and TERD's calibrated threshold cannot
     judge it, and the workflow says so when the DAG is built, not after hours of inversion."""
