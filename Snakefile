@@ -6,7 +6,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# the embedded defaults, found from the Snakefile's directory: a relative path would be looked up in
+# the working directory, and under `--directory runs/<name>` with a `--configfile` overlay Snakemake
+# skips a configfile it cannot find without a word (the overlay then runs on the schema's defaults)
+configfile: f"{workflow.basedir}/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -296,6 +296,24 @@ def test_default_run_inverts_every_model_with_every_method(tmp_path, overlay, me
     assert counts["detection_table"] == 1
 
 
+def test_an_overlay_under_directory_keeps_the_embedded_defaults(tmp_path):
+    """`--directory runs/<name>` with a `--configfile` overlay (the README's external-zoo command)
+    merges the overlay onto config.yaml, not onto the schema's defaults: the default methods (BBTI
+    and Elijah) and seeds from the overlay. (A relative `configfile:` is looked up in the working
+    directory, and Snakemake skips it silently when an overlay is given: BBTI then ran the
+    paper's settings instead of the default's, and a five-seed table changed with it.)"""
+    import yaml
+
+    wd = workdir_copy(tmp_path)
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    n_models = len((wd / cfg["manifest"]).read_text().strip().splitlines()) - 1
+    seeds = yaml.safe_load((wd / "config/seeds.yaml").read_text())["inversion"]["seeds"]
+    out = run_snakemake(wd, "-n", "--quiet", "rules", "--directory", "runs/elsewhere",
+                        "--configfile", "config/seeds.yaml", timeout=300).stdout
+    assert len(cfg["inversion"]["methods"]) == 2  # the schema's default is one method
+    assert _job_counts(out)["invert_trigger"] == n_models * 2 * len(seeds)
+
+
 def test_oracle_removal_overlay_repairs_every_backdoored_model_from_its_true_trigger(tmp_path):
     """config/oracle-removal.yaml plans removal on each backdoored model of the default zoo, and
     on no clean one, from the card's trigger (trigger~true): clean data, importance, both
