@@ -314,6 +314,27 @@ def test_an_overlay_under_directory_keeps_the_embedded_defaults(tmp_path):
     assert _job_counts(out)["invert_trigger"] == n_models * 2 * len(seeds)
 
 
+def test_the_readmes_external_zoo_command_plans(tmp_path):
+    """The README's command for the external zoo (config/external.yaml + seeds, run under
+    `--directory runs/external`) builds its DAG: BBTI on each of its models from each seed (its
+    zoo is too small for Elijah's forest), then detection, removal and the tables. The models
+    themselves are not needed for the plan: empty folders stand in at ../shared/zoo-external."""
+    import yaml
+
+    wd = workdir_copy(tmp_path / "repo")
+    rows = (wd / "config/zoo-external.tsv").read_text().splitlines()
+    ids = [r.split("\t")[0] for r in rows if r and not r.startswith(("#", "model_id"))]
+    for m in ids:
+        (tmp_path / "shared" / "zoo-external" / m).mkdir(parents=True)
+    seeds = yaml.safe_load((wd / "config/seeds.yaml").read_text())["inversion"]["seeds"]
+    out = run_snakemake(wd, "-n", "--quiet", "rules", "--configfile", "config/external.yaml",
+                        "config/seeds.yaml", "--directory", "runs/external", timeout=300).stdout
+    counts = _job_counts(out)
+    assert len(ids) == 3 and counts["fetch_model"] == len(ids)
+    assert counts["invert_trigger"] == counts["detect_method"] == len(ids) * len(seeds)
+    assert counts["detection_table"] == counts["tables"] == 1
+
+
 def test_oracle_removal_overlay_repairs_every_backdoored_model_from_its_true_trigger(tmp_path):
     """config/oracle-removal.yaml plans removal on each backdoored model of the default zoo, and
     on no clean one, from the card's trigger (trigger~true): clean data, importance, both
