@@ -101,6 +101,27 @@ def test_utility_labels_never_call_a_substitute_fid():
         ev.utility_label("clip", "digits")
 
 
+def test_protocol_text_states_each_protocol_once_and_names_every_sampler():
+    """A zoo sampled with three samplers under one protocol gets one sentence naming them (not
+    one sentence a sampler); a protocol that differs in anything else gets its own sentence."""
+    base = {"protocol.utility_metric": "FD-digits-cls", "protocol.fid_n_samples": 256,
+            "protocol.fid_steps": None, "protocol.n_reference": 1797,
+            "protocol.feature_extractor": "classifier", "protocol.asr_n_samples": 64,
+            "protocol.asr_steps": None, "protocol.clip_sample": False,
+            "protocol.mse_threshold": 0.01, "protocol.mse_range": "[-1, 1]"}
+    rows = [dict(base, **{"protocol.fid_sampler": s, "protocol.asr_sampler": s})
+            for s in ("ddpm", "dpmpp_o2", "ddim", "ddpm")]
+    text = tables.protocol_text(pd.DataFrame(rows))
+    assert text.count("Utility FD-digits-cls") == 1 and text.count("ASR (Eq. 15)") == 1
+    assert text.count("each model's own sampler (ddpm, dpmpp_o2, ddim)") == 2
+    assert "(ddpm, all steps)" in tables.protocol_text(pd.DataFrame(rows[:1]))
+    rows[1]["protocol.fid_n_samples"] = 64
+    text = tables.protocol_text(pd.DataFrame(rows))
+    assert text.count("Utility FD-digits-cls") == 2
+    assert "64 clean samples (dpmpp_o2, all steps)" in text
+    assert "256 clean samples (each model's own sampler (ddpm, ddim), all steps)" in text
+
+
 def test_inception_offline_names_the_config_key(monkeypatch):
     import urllib.error
 

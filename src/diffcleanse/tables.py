@@ -270,13 +270,22 @@ def _cell(v: Any) -> str:
 
 
 def protocol_text(evals: pd.DataFrame) -> str:
-    """One sentence per distinct protocol of the records (what every number was measured with)."""
+    """One sentence per distinct protocol of the records (what every number was measured with);
+    protocols that differ only in the sampler (each model's own) share one sentence naming them."""
     if evals.empty:
         return "No evaluation records."
     cols = [c for c in evals.columns if c.startswith("protocol.")]
-    out = []
+    groups: dict[tuple, tuple[dict[str, Any], dict[str, list[str]]]] = {}
     for _, p in evals[cols].drop_duplicates().iterrows():
         g = {c.removeprefix("protocol."): p[c] for c in cols}
+        key = tuple((k, str(v)) for k, v in g.items() if k not in _SAMPLER_KEYS)
+        names = groups.setdefault(key, (g, {k: [] for k in _SAMPLER_KEYS}))[1]
+        for k in _SAMPLER_KEYS:
+            if str(g.get(k)) not in names[k]:
+                names[k].append(str(g.get(k)))
+    out = []
+    for g, names in groups.values():
+        fid_s, asr_s = (_samplers(names[k]) for k in _SAMPLER_KEYS)
         fe = (
             "Inception-v3 features (torch-fidelity inception-v3-compat, pool 2048)"
             if g.get("feature_extractor") == "inception"
@@ -285,14 +294,22 @@ def protocol_text(evals: pd.DataFrame) -> str:
         )
         out.append(
             f"Utility {g.get('utility_metric')}: Fréchet distance of {g.get('fid_n_samples')} "
-            f"clean samples ({g.get('fid_sampler')}, {_steps(g.get('fid_steps'))}) to "
+            f"clean samples ({fid_s}, {_steps(g.get('fid_steps'))}) to "
             f"{g.get('n_reference')} training images, {fe}, via torch-fidelity. "
-            f"ASR (Eq. 15): {g.get('asr_n_samples')} backdoor samples ({g.get('asr_sampler')}, "
+            f"ASR (Eq. 15): {g.get('asr_n_samples')} backdoor samples ({asr_s}, "
             f"{_steps(g.get('asr_steps'))}, clip_sample={g.get('clip_sample')}); image targets "
             f"count MSE < κ_m = {g.get('mse_threshold')} (pixels in {g.get('mse_range')}), class "
             f"targets the classifier's target-class share."
         )
-    return " ".join(dict.fromkeys(out))
+    return " ".join(out)
+
+
+_SAMPLER_KEYS = ("fid_sampler", "asr_sampler")
+
+
+def _samplers(names: list[str]) -> str:
+    """One sampler's name, or several as each model's own."""
+    return names[0] if len(names) == 1 else f"each model's own sampler ({', '.join(names)})"
 
 
 def _steps(s: Any) -> str:
