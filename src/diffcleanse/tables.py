@@ -269,23 +269,21 @@ def _cell(v: Any) -> str:
     return fmt(v)
 
 
+_SAMPLER_KEYS = ("fid_sampler", "asr_sampler")
+
+
 def protocol_text(evals: pd.DataFrame) -> str:
     """One sentence per distinct protocol of the records (what every number was measured with);
     protocols that differ only in the sampler (each model's own) share one sentence naming them."""
     if evals.empty:
         return "No evaluation records."
     cols = [c for c in evals.columns if c.startswith("protocol.")]
-    groups: dict[tuple, tuple[dict[str, Any], dict[str, list[str]]]] = {}
-    for _, p in evals[cols].drop_duplicates().iterrows():
-        g = {c.removeprefix("protocol."): p[c] for c in cols}
-        key = tuple((k, str(v)) for k, v in g.items() if k not in _SAMPLER_KEYS)
-        names = groups.setdefault(key, (g, {k: [] for k in _SAMPLER_KEYS}))[1]
-        for k in _SAMPLER_KEYS:
-            if str(g.get(k)) not in names[k]:
-                names[k].append(str(g.get(k)))
+    rest = [c for c in cols if c.removeprefix("protocol.") not in _SAMPLER_KEYS]
+    raw = evals[cols].drop_duplicates().reset_index(drop=True)
     out = []
-    for g, names in groups.values():
-        fid_s, asr_s = (_samplers(names[k]) for k in _SAMPLER_KEYS)
+    for _, grp in raw.astype(str).groupby(rest, sort=False, dropna=False):
+        g = {c.removeprefix("protocol."): raw.loc[grp.index[0], c] for c in cols}
+        fid_s, asr_s = (_samplers(grp.get(f"protocol.{k}")) for k in _SAMPLER_KEYS)
         fe = (
             "Inception-v3 features (torch-fidelity inception-v3-compat, pool 2048)"
             if g.get("feature_extractor") == "inception"
@@ -304,11 +302,9 @@ def protocol_text(evals: pd.DataFrame) -> str:
     return " ".join(out)
 
 
-_SAMPLER_KEYS = ("fid_sampler", "asr_sampler")
-
-
-def _samplers(names: list[str]) -> str:
-    """One sampler's name, or several as each model's own."""
+def _samplers(column: pd.Series | None) -> str:
+    """One sampler's name, or several as each model's own (in order of appearance)."""
+    names = list(dict.fromkeys(column)) if column is not None else ["None"]
     return names[0] if len(names) == 1 else f"each model's own sampler ({', '.join(names)})"
 
 
