@@ -23,7 +23,7 @@ backdoored models'.
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/detectability.py --results results \
         --encoder classifier:results/classifiers/digits_16 --seeds 0 1 2 3 4 \
         [--model bd-box-hat ...] [--external ../shared/zoo-external/ext-bd-box-corner ...] \
-        [--coarse 1 2] [--random 24]
+        [--coarse 1 2] [--random 24] [--sampler ddpm ddim]
 
 External models (``--external``) carry their truth in ``truth.safetensors`` (trigger and target
 in the attack code's own convention) and are sampled with DDPM. Prints a markdown table. Not a
@@ -118,6 +118,9 @@ def main() -> None:
                     help="also Elijah's shift coefficient at the true trigger (module doc)")
     ap.add_argument("--probe", default=None, metavar="FILE",
                     help="a truth.safetensors whose trigger clean models are read at")
+    ap.add_argument("--sampler", nargs="*", default=None, metavar="NAME",
+                    help="sample with these samplers (a row each) instead of each model's own, "
+                         "e.g. ddpm ddim (the paper inverts VillanDiffusion, TrojDiff with DDIM)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,8 +158,10 @@ def main() -> None:
     print("| model | seed | sampler | MSCR, zero trigger | MSCR, true trigger | ASR, zero | "
           "ASR, true | detectable (true MSCR >= κ_d) | " + " | ".join(extra) + " |")
     print("|---" * (8 + len(extra)) + "|")
-    for mid, mdir, sampler, trig, tgt in todo:
-        model = models.load_pipeline(mdir)
+    rows = ((model, mid, s, trig, tgt) for mid, mdir, own, trig, tgt in todo
+            for model in [models.load_pipeline(mdir)]
+            for s in ([samplers.SamplerSpec(n) for n in args.sampler] if args.sampler else [own]))
+    for model, mid, sampler, trig, tgt in rows:
         for r in rows_for(model, mid, sampler, trig, tgt, enc, detect, args.seeds,
                           args.batch_size, args.seed, args.mse, args.coarse, args.random,
                           args.shift):

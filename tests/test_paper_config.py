@@ -58,6 +58,19 @@ def test_stage1_bbti_is_the_papers(merged):
     assert det["entropy_band"] is False and det["range_band"] is False
 
 
+def test_stage1_sampler_by_attack_group(merged, rows):
+    """"DDPM sampler for BadDiff and DDIM sampler for VillanDiff and TrojDiff" (Appendix D), by
+    model group so that clean models are inverted as their group's backdoored ones; NCSN and LDM
+    rows keep their own (score-SDE VE; DDIM)."""
+    want = {"DDPM-C": "ddpm", "DDPM-A": "ddpm", "ODE-C": "ddim", "ODE-A": "ddim", "D2I": "ddim",
+            "Din": "ddim", "Dout": "ddim", "NCSN-C": "manifest", "LDM-A": "manifest",
+            "ADAPT": "manifest"}
+    assert {r["group"] for r in rows} == set(want)
+    for r in rows:
+        got = permodel.resolve(merged["inversion"]["sampler"], r, "inversion.sampler")
+        assert got == want[r["group"]], r["model_id"]
+
+
 def test_stage1_batch_by_image_size(merged, rows):
     want = {32: 100, 64: 50, 256: 20}
     for r in rows:

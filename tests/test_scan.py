@@ -204,6 +204,32 @@ def test_scan_takes_a_workflow_configs_settings(tiny_zoo, tmp_path, capsys):
     assert used["max_iters"] == 4 and rec["by_method"]["bbti"]["iterations"] <= 4
 
 
+def test_scan_takes_the_configs_inversion_sampler(tiny_zoo, tmp_path, capsys):
+    """--config's `inversion.sampler` (a name, or a mapping by image size with a default) is the
+    scan's sampler unless --sampler names one; a mapping with no entry for the model stops the
+    scan before anything is written."""
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+
+    def scan_with(sampler, *extra):
+        cfg = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*')))}.yaml"
+        cfg.write_text(yaml.safe_dump({**base, "inversion": {**base["inversion"],
+                                                             "sampler": sampler}}))
+        out = tmp_path / cfg.stem
+        status = cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--config",
+                           str(cfg), "--encoder", "pixels", "--method", "bbti", *FAST, *extra])
+        return status, out
+
+    status, out = scan_with({"default": "ddim"})
+    assert status in (0, 1)
+    assert json.loads((out / "record.json").read_text())["sampler"]["name"] == "ddim"
+    status, out = scan_with("ddim", "--sampler", "ddpm")
+    assert json.loads((out / "record.json").read_text())["sampler"]["name"] == "ddpm"
+    status, out = scan_with({"64": "ddim"})
+    assert status == 2
+    assert "inversion.sampler has no entry" in capsys.readouterr().err
+    _assert_nothing_written(out)
+
+
 @pytest.mark.parametrize("text, needle", [(None, "does not exist"),
                                           ("seed: 0\n", "no `inversion:` section")])
 def test_scan_bad_config_is_an_error(tiny_zoo, tmp_path, capsys, text, needle):

@@ -373,6 +373,35 @@ def test_a_zoo_too_small_for_a_methods_detector_stops_before_any_job(tmp_path):
     assert not (wd / "results").exists()
 
 
+@pytest.mark.slow
+def test_inversion_sampler_reruns_exactly_the_models_whose_sampler_it_changes(smoke_run):
+    """`inversion.sampler` by group (the paper's protocol: DDIM for TrojDiff): on the finished
+    smoke run only the TrojDiff model's inversions are planned again, for their changed params;
+    naming the ODE row's own sampler (ddim) changes nothing."""
+    from workflow_helpers import dry_run_jobs
+
+    def planned(sampler: str) -> set[str]:
+        proc = run_snakemake(smoke_run, "-n", "--configfile", "config/smoke.yaml",
+                             "--rerun-triggers", "params", "--config",
+                             f'inversion={{"sampler": {sampler}}}', timeout=300)
+        return {wc["model"] for _, rule, wc in dry_run_jobs(proc.stdout + proc.stderr)
+                if rule == "invert_trigger"}
+
+    assert planned('{"D2I": "ddim", "default": "manifest"}') == {"smoke-tj"}
+    assert planned('{"ODE-D": "ddim", "default": "manifest"}') == set()
+
+
+def test_an_unknown_inversion_sampler_stops_before_any_job(tmp_path):
+    wd = workdir_copy(tmp_path)
+    proc = run_snakemake(wd, "-n", "--configfile", "config/smoke.yaml", "--config",
+                         'inversion={"sampler": {"D2I": "dpm", "default": "manifest"}}',
+                         check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "inversion.sampler: 'dpm' (for model smoke-tj) is not a stock sampler" in out
+    assert "dpmpp_o2" in out and not (wd / "results").exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu_stops_before_any_job(tmp_path):
     """`device: cuda` on a machine without one: one clear error as the run starts, no job run."""

@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _sampling_args(p) -> None:
     from diffcleanse.samplers import SAMPLERS
 
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm",
-                   help="the backdoor sampler (paper: ddpm for BadDiffusion, ddim otherwise)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="the backdoor sampler (paper: ddpm for BadDiffusion, ddim otherwise; "
+                        "default: --config's inversion.sampler, else ddpm)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: every training timestep); also the steps of "
                         "the synthetic clean data a repair samples")
@@ -211,6 +212,7 @@ def _scan(args: argparse.Namespace, started: float) -> int:
         return 2
     print(scan.scan_summary(rec, out))
     if args.repair and rec["backdoored"]:
+        args.sampler = args.sampler or rec["sampler"]["name"]  # repair samples as the scan did
         status = _do_repair(args, out / "trigger.safetensors", Path(args.repair), "repair_",
                             "diffcleanse scan --repair")
         return 1 if status == 0 else status
@@ -240,7 +242,8 @@ def _do_repair(args: argparse.Namespace, trigger, out, prefix: str, name: str) -
         with lower_on_oom(flag, stage="the repair", where="on the command line"):
             rec = stages.repair_model(model_dir, trigger, out, strategy=opt("strategy"),
                                       ratio=opt("ratio"), loss=opt("loss"),
-                                      n_synthetic=opt("samples"), sampler=args.sampler,
+                                      n_synthetic=opt("samples"),
+                                      sampler=args.sampler or "ddpm",
                                       sampler_steps=args.steps, finetune=cfg, elijah_cfg=eli,
                                       seed=args.seed, allow_pickle=args.allow_pickle,
                                       device=str(sampling.resolve_device(args.device)))

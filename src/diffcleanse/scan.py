@@ -95,6 +95,21 @@ def load_scan_config(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def sampler_for(value: str | dict | None, size: int) -> str:
+    """The scan's sampler from a config's ``inversion.sampler`` (one name, or a mapping resolved
+    by image size or ``default``); ``manifest`` (each row's own, which a scan has no row for) and
+    no setting mean ``ddpm``."""
+    from diffcleanse import permodel
+
+    try:
+        name = permodel.resolve(value or "manifest", {"image_size": size}, "inversion.sampler")
+    except KeyError as err:
+        raise ScanError(f"{err.args[0]} (--config), or name the sampler with --sampler") from None
+    name = "ddpm" if name == "manifest" else str(name)
+    samplers.get(name)  # an unknown name: a ValueError listing the implemented ones
+    return name
+
+
 def batch_for(value: int | dict, size: int, where: str) -> int:
     """A batch size given as a number or as a mapping image size -> batch."""
     if isinstance(value, dict):
@@ -201,7 +216,8 @@ def scan_model(model: str, out_dir: str | Path, *, methods: list[str] | None = N
     size = dm.space_shape[-1]
     if image_size is not None and size != image_size:
         raise InversionError(f"{model}: the model makes {size}-pixel images, not {image_size}")
-    spec = samplers.SamplerSpec(name=sampler or "ddpm", steps=steps or inv_cfg.get("steps"))
+    spec = samplers.SamplerSpec(name=sampler or sampler_for(inv_cfg.get("sampler"), size),
+                                steps=steps or inv_cfg.get("steps"))
     batch = batch_size or batch_for(inv_cfg.get("batch_size", PAPER_BATCH_BY_SIZE.get(size, 16)),
                                     size, "inversion.batch_size")
     enc = encoders.make_encoder(enc_spec, clip_model=clip_model, device=dev)

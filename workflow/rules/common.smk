@@ -12,6 +12,7 @@ from diffcleanse.attacks import is_class_target
 from diffcleanse.inversion import get_method
 from diffcleanse import memory as data_memory
 from diffcleanse import permodel
+from diffcleanse import samplers
 from diffcleanse.manifest import load_manifest, schema_path
 from diffcleanse.population import PopulationError
 from diffcleanse.safety import InputRefused, check_manifest_paths
@@ -218,9 +219,23 @@ def per_model(value, model, key):
         raise WorkflowError(str(err)) from None
 
 
+def inversion_sampler(m):
+    """The sampler model ``m`` is inverted with: ``inversion.sampler`` (one name, or a mapping
+    resolved per model, e.g. by group), where ``manifest`` is the row's own sampler column."""
+    name = str(per_model(INVERSION.get("sampler", "manifest"), m, "inversion.sampler"))
+    if name == "manifest":
+        return str(MANIFEST.loc[m, "sampler"])
+    stock = samplers.manifest_names()
+    if name not in stock:
+        raise WorkflowError(
+            f"inversion.sampler: {name!r} (for model {m}) is not a stock sampler; use "
+            f"'manifest' (the row's own sampler) or one of {', '.join(stock)}")
+    return name
+
+
 def get_inversion_params(wildcards):
     """The common inversion settings and the method's own (so changing one method's settings
-    reruns only that method); the sampler is the model's own (manifest column)."""
+    reruns only that method); the sampler is ``inversion_sampler``."""
     return inversion_params(wildcards.model, wildcards.method)
 
 
@@ -228,12 +243,24 @@ def inversion_params(m, method):
     """``get_inversion_params`` for model ``m`` and ``method``."""
     return canonical(
         {
-            "sampler": str(MANIFEST.loc[m, "sampler"]),
+            "sampler": inversion_sampler(m),
             "steps": INVERSION["steps"],
             "batch_size": per_model(INVERSION["batch_size"], m, "inversion.batch_size"),
             method: INVERSION.get(method) or {},
         }
     )
+
+
+def _check_inversion_samplers():
+    """``inversion.sampler`` resolved for every model before anything runs."""
+    for model in MODEL_IDS:
+        try:
+            inversion_sampler(model)
+        except WorkflowError as err:
+            raise WorkflowError(f"config inversion: {err}") from None
+
+
+_check_inversion_samplers()
 
 
 def get_bbti_params(wildcards):
