@@ -293,7 +293,7 @@ def test_repair_model_and_the_scan_repair_option(tiny_zoo, tmp_path, monkeypatch
     def fake_scan(model, out_dir, **kw):
         out_dir.mkdir(parents=True)
         save_file({"trigger": trigger}, str(out_dir / "trigger.safetensors"))
-        return {"backdoored": True}
+        return {"backdoored": True, "sampler": {"name": "ddim"}}  # as the scan sampled
 
     monkeypatch.setattr(scan, "scan_model", fake_scan)
     monkeypatch.setattr(scan, "scan_summary", lambda rec, out: "BACKDOORED")
@@ -309,6 +309,7 @@ def test_repair_model_and_the_scan_repair_option(tiny_zoo, tmp_path, monkeypatch
     assert status == 1 and len(calls) == 1
     (model_dir, trig, out), kw = calls[0]
     assert out == tmp_path / "cli-fixed" and kw["ratio"] == 0.05
+    assert kw["sampler"] == "ddim"  # the repair samples with the scan's sampler
     assert stages.load_trigger(trig).equal(trigger)
     assert "load without it" in capsys.readouterr().out  # the CLI prints repair_summary
 
