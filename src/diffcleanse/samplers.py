@@ -264,6 +264,22 @@ def manifest_names() -> tuple[str, ...]:
     return tuple(n for n, e in SAMPLERS.items() if not e.attack)
 
 
+def configured(value: Any, row: dict[str, Any], own: str) -> str:
+    """A config's ``inversion.sampler`` for one model: ``value`` (a name, or a mapping resolved
+    for ``row`` by ``diffcleanse.permodel``), where ``manifest`` (and no value) means ``own``.
+    KeyError: the mapping has no entry for the row; ValueError: not a stock sampler."""
+    from diffcleanse import permodel
+
+    name = str(permodel.resolve(value or "manifest", row, "inversion.sampler"))
+    if name == "manifest":
+        return own
+    if name not in manifest_names():
+        raise ValueError(f"inversion.sampler: {name!r} (for model {row.get('model_id', '?')}) is "
+                         f"not a stock sampler; use 'manifest' (the row's own sampler) or one of "
+                         f"{', '.join(manifest_names())}")
+    return name
+
+
 def register(sampler: Sampler) -> None:
     """Add a registry entry (e.g. the VE predictor-corrector sampler of score-based models)."""
     SAMPLERS[sampler.name] = sampler

@@ -96,18 +96,12 @@ def load_scan_config(path: str | Path) -> dict[str, Any]:
 
 
 def sampler_for(value: str | dict | None, size: int) -> str:
-    """The scan's sampler from a config's ``inversion.sampler`` (one name, or a mapping resolved
-    by image size or ``default``); ``manifest`` (each row's own, which a scan has no row for) and
-    no setting mean ``ddpm``."""
-    from diffcleanse import permodel
-
+    """The scan's sampler from a config's ``inversion.sampler`` (``samplers.configured`` for a
+    model known only by its image size); ``manifest`` and no setting mean ``ddpm``."""
     try:
-        name = permodel.resolve(value or "manifest", {"image_size": size}, "inversion.sampler")
+        return samplers.configured(value, {"image_size": size}, "ddpm")
     except KeyError as err:
         raise ScanError(f"{err.args[0]} (--config), or name the sampler with --sampler") from None
-    name = "ddpm" if name == "manifest" else str(name)
-    samplers.get(name)  # an unknown name: a ValueError listing the implemented ones
-    return name
 
 
 def batch_for(value: int | dict, size: int, where: str) -> int:

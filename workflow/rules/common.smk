@@ -220,17 +220,12 @@ def per_model(value, model, key):
 
 
 def inversion_sampler(m):
-    """The sampler model ``m`` is inverted with: ``inversion.sampler`` (one name, or a mapping
-    resolved per model, e.g. by group), where ``manifest`` is the row's own sampler column."""
-    name = str(per_model(INVERSION.get("sampler", "manifest"), m, "inversion.sampler"))
-    if name == "manifest":
-        return str(MANIFEST.loc[m, "sampler"])
-    stock = samplers.manifest_names()
-    if name not in stock:
-        raise WorkflowError(
-            f"inversion.sampler: {name!r} (for model {m}) is not a stock sampler; use "
-            f"'manifest' (the row's own sampler) or one of {', '.join(stock)}")
-    return name
+    """The sampler model ``m`` is inverted with: ``inversion.sampler`` resolved for its row
+    (``diffcleanse.samplers.configured``; ``manifest``: the row's own sampler column)."""
+    try:
+        return samplers.configured(INVERSION.get("sampler"), row(m), str(MANIFEST.loc[m, "sampler"]))
+    except (KeyError, ValueError) as err:
+        raise WorkflowError(str(err.args[0])) from None
 
 
 def get_inversion_params(wildcards):
