@@ -4,7 +4,8 @@ Every heavy rule of the workflow has a ``benchmark:`` file (``results/benchmarks
 Snakemake's columns: ``s`` wall seconds, ``max_rss`` MB, ``cpu_time`` CPU seconds, …). This prints,
 per rule: jobs, wall and CPU seconds (sum, and the largest job), and the peak resident memory of
 its largest job, which is what a rule's ``mem_mb`` must cover; then the totals and the shortest
-wall time the CPU seconds allow on ``--cores`` cores.
+wall time the CPU seconds allow on ``--cores`` cores; then how full the cores were over the run
+(each job's end is its benchmark file's modification time, so run it on the run's own folder).
 
     .venv/bin/python benchmarks/run_cost.py results/benchmarks --cores 2 [--markdown]
 
@@ -85,6 +86,49 @@ def report(costs: dict[str, RuleCost], cores: int, markdown: bool) -> str:
     return "\n".join(lines)
 
 
+def read_spans(root: Path) -> list[tuple[float, float, str]]:
+    """(start, end, job) per benchmark file: Snakemake writes the file when the job ends, so its
+    modification time is the end and ``end - s`` the start (a copied folder loses this)."""
+    spans = []
+    for tsv in sorted(root.rglob("*.tsv")):
+        with tsv.open(newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        if rows:
+            end = tsv.stat().st_mtime
+            spans.append((end - _number(rows[-1].get("s")), end, str(tsv.relative_to(root))))
+    return spans
+
+
+def occupancy(spans: list[tuple[float, float, str]], cores: int) -> str:
+    """How full the cores were between the first job's start and the last job's end: the span,
+    the core-seconds no benchmarked job held, and the longest stretches with a core free (the
+    scheduler's order, the chain of dependent jobs, and the work outside jobs: Snakemake's own
+    DAG updates, the installation before the first job)."""
+    if not spans:
+        return "no jobs"
+    t0, t1 = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
+    edges = sorted({t for s, e, _ in spans for t in (s, e)})
+    free = []  # (seconds, start, jobs running) of each stretch with fewer jobs than cores
+    for a, b in zip(edges, edges[1:], strict=False):
+        running = sum(1 for s, e, _ in spans if s < b and e > a)
+        if running < cores:
+            free.append((b - a, a, running, cores - running))
+    idle = sum(d * k for d, _, _, k in free)
+    lines = [f"span {(t1 - t0) / 60:.1f} minutes from the first job's start to the last one's end; "
+             f"{idle:.0f} core-seconds of it ({idle / ((t1 - t0) * cores):.0%}) held no job"]
+    merged: list[list[float]] = []  # consecutive stretches with a free core, joined
+    for d, a, _, _ in sorted(free, key=lambda f: f[1]):
+        if merged and abs(merged[-1][0] + merged[-1][1] - a) < 1e-6:
+            merged[-1][1] += d
+        else:
+            merged.append([a, d])
+    for a, d in sorted(merged, key=lambda m: -m[1])[:5]:
+        during = sorted(n for s, e, n in spans if s < a + d and e > a)
+        lines.append(f"  a core free for {d:.0f} s from minute {(a - t0) / 60:.1f}; running: "
+                     + (", ".join(during[:3]) + (" …" if len(during) > 3 else "") or "nothing"))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path, help="a run's benchmark folder (results/benchmarks)")
@@ -97,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if not costs:
         ap.error(f"{a.root} holds no benchmark files (*.tsv): has the workflow run there?")
     print(report(costs, a.cores, a.markdown))
+    print()
+    print(occupancy(read_spans(a.root), a.cores))
     return 0
 
 

@@ -96,6 +96,29 @@ def get_init_model(wildcards):
     return {"init": f"results/models/{init}/model"} if init else {}
 
 
+# Training first among ready jobs: models are the zoo's critical path (the backdoored ones
+# fine-tune a clean one), and a 2-core run that inverts triggers before training finishes waits
+# on its last model at the end (get_train_priority, rules train_model and train_adaptive).
+TRAIN_PRIORITY = 10
+
+
+def _training_chain(model):
+    """Training steps from the start of ``model``'s training to the end of the longest chain of
+    rows that fine-tune from it (its own steps plus its heaviest descendant's chain)."""
+    own = int(MANIFEST.loc[model, "train_steps"] or 0) if model in TRAINED else 0
+    children = [m for m in TRAINED if MANIFEST.loc[m, "init"] == model]
+    return own + max((_training_chain(c) for c in children), default=0)
+
+
+def get_train_priority(wildcards):
+    """Training runs first among ready jobs (models are the zoo's critical path), and of the
+    trainings the one heading the longest chain of training steps first: a backdoored row
+    fine-tunes a clean one, so on 2 cores a long fine-tune started last is waited on at the end.
+    Between TRAIN_PRIORITY and TRAIN_PRIORITY + 1, so the order among other rules is unchanged."""
+    longest = max((_training_chain(m) for m in TRAINED), default=0) or 1
+    return TRAIN_PRIORITY + _training_chain(wildcards.model) / longest
+
+
 def get_train_params(wildcards):
     """Every hyperparameter train_model uses (tracked by Snakemake for reruns)."""
     return canonical(

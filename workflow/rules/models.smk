@@ -2,11 +2,6 @@
 # Adaptive-attack rows (attack `adaptive`, Diff-Cleanse Appendix G) train with train_adaptive,
 # which also keeps ADAPTIVE_SNAPSHOTS EMA checkpoints for Fig. 14 (workflow/rules/adaptive.smk).
 
-# Training first among ready jobs: models are the zoo's critical path (the backdoored ones
-# fine-tune a clean one), and a 2-core run that inverts triggers before training finishes waits
-# on its last model at the end.
-TRAIN_PRIORITY = 10
-
 
 rule fetch_model:
     # A localrule: compute nodes of clusters often have no internet.
@@ -48,7 +43,7 @@ rule train_model:
         "results/benchmarks/train_model/{model}.tsv"
     wildcard_constraints:
         model=_alternatives([m for m in TRAINED if m not in ADAPTIVE]),
-    priority: TRAIN_PRIORITY
+    priority: get_train_priority
     threads: config["train"]["threads"]
     resources:
         mem_mb=memory(4000, training_data),
@@ -82,7 +77,7 @@ rule train_adaptive:
         "results/benchmarks/train_model/{model}.tsv"
     wildcard_constraints:
         model=_alternatives(ADAPTIVE),
-    priority: TRAIN_PRIORITY
+    priority: get_train_priority
     threads: config["train"]["threads"]
     resources:
         mem_mb=memory(4000, training_data),
