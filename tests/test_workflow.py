@@ -391,6 +391,32 @@ def test_inversion_sampler_reruns_exactly_the_models_whose_sampler_it_changes(sm
     assert planned('{"ODE-D": "ddim", "default": "manifest"}') == set()
 
 
+def test_training_starts_with_the_longest_chain_of_training_steps(tmp_path):
+    """The default zoo's dry run: every training job outranks every other job, and of the
+    trainings `clean-a` (3,000 steps, then the 3,000 of a BadDiffusion row that fine-tunes it)
+    comes first, the 3,000-step rows before the shorter attacks, the 1,000-step rows last."""
+    import re
+
+    wd = workdir_copy(tmp_path)
+    proc = run_snakemake(wd, "-n", timeout=600)
+    prio: dict[tuple[str, str], float] = {}
+    for rule, body in re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):\n((?:    .*(?:\n|$))*)",
+                                 proc.stdout + proc.stderr, re.M):
+        wc = re.search(r"^\s+wildcards: (.*)$", body, re.M)
+        pr = re.search(r"^\s+priority: ([\d.]+)$", body, re.M)
+        prio[(rule, wc.group(1).strip() if wc else "")] = float(pr.group(1)) if pr else 0.0
+    train = {k[1].removeprefix("model="): v for k, v in prio.items()
+             if k[0] in ("train_model", "train_adaptive")}
+    assert len(train) == 8, train
+    assert min(train.values()) > max(v for k, v in prio.items()
+                                      if k[0] not in ("train_model", "train_adaptive"))
+    # TRAIN_PRIORITY (10) + the chain's steps / the longest chain's (clean-a: 3,000 + 3,000)
+    assert train["clean-a"] == pytest.approx(11.0)
+    assert train["bd-box-hat"] == train["bd-stop-corner"] == pytest.approx(10.5)  # 3,000 each
+    assert train["bd-box-hat"] > train["vd-box-shoe"] > train["ad-box-shoe"] > train["clean-b"]
+    assert train["clean-b"] == train["clean-c"] == train["tj-blend-mickey"] == min(train.values())
+
+
 def test_an_unknown_inversion_sampler_stops_before_any_job(tmp_path):
     wd = workdir_copy(tmp_path)
     proc = run_snakemake(wd, "-n", "--configfile", "config/smoke.yaml", "--config",
