@@ -102,12 +102,25 @@ def get_init_model(wildcards):
 TRAIN_PRIORITY = 10
 
 
-def _training_chain(model):
-    """Training steps from the start of ``model``'s training to the end of the longest chain of
-    rows that fine-tune from it (its own steps plus its heaviest descendant's chain)."""
-    own = int(MANIFEST.loc[model, "train_steps"] or 0) if model in TRAINED else 0
-    children = [m for m in TRAINED if MANIFEST.loc[m, "init"] == model]
-    return own + max((_training_chain(c) for c in children), default=0)
+def _training_chains():
+    """Per trained model, the training steps from the start of its training to the end of the
+    longest chain of rows that fine-tune from it (its own steps plus its heaviest descendant's
+    chain); computed once, children first."""
+    children = {}
+    for m in TRAINED:
+        children.setdefault(MANIFEST.loc[m, "init"], []).append(m)
+    chains = {}
+
+    def chain(model):
+        if model not in chains:
+            own = int(MANIFEST.loc[model, "train_steps"]) if model in TRAINED else 0
+            chains[model] = own + max((chain(c) for c in children.get(model, [])), default=0)
+        return chains[model]
+
+    return {m: chain(m) for m in TRAINED}
+
+
+TRAINING_CHAINS = _training_chains()
 
 
 def get_train_priority(wildcards):
@@ -115,8 +128,8 @@ def get_train_priority(wildcards):
     trainings the one heading the longest chain of training steps first: a backdoored row
     fine-tunes a clean one, so on 2 cores a long fine-tune started last is waited on at the end.
     Between TRAIN_PRIORITY and TRAIN_PRIORITY + 1, so the order among other rules is unchanged."""
-    longest = max((_training_chain(m) for m in TRAINED), default=0) or 1
-    return TRAIN_PRIORITY + _training_chain(wildcards.model) / longest
+    longest = max(TRAINING_CHAINS.values(), default=0) or 1
+    return TRAIN_PRIORITY + TRAINING_CHAINS[wildcards.model] / longest
 
 
 def get_train_params(wildcards):
