@@ -39,17 +39,27 @@ def _number(value: str | None) -> float:
         return 0.0
 
 
-def read_costs(root: Path) -> dict[str, RuleCost]:
-    """Rule name (the first path component under ``root``) -> its summed benchmark rows."""
-    costs: dict[str, RuleCost] = {}
+def last_rows(root: Path):
+    """(path under ``root``, last row, modification time) per benchmark file with a row: a rerun
+    appends, so the last row is the job that made the outputs, and Snakemake writes the file when
+    the job ends."""
     for tsv in sorted(root.rglob("*.tsv")):
-        rel = tsv.relative_to(root)
-        rule = rel.parts[0] if len(rel.parts) > 1 else rel.stem
         with tsv.open(newline="") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
-        if not rows:
-            continue
-        row = rows[-1]  # a rerun appends; the last row is the job that made the outputs
+        if rows:
+            yield tsv.relative_to(root), rows[-1], tsv.stat().st_mtime
+
+
+def read_costs(root: Path) -> dict[str, RuleCost]:
+    """Rule name (the first path component under ``root``) -> its summed benchmark rows."""
+    return costs_of(last_rows(root))
+
+
+def costs_of(rows) -> dict[str, RuleCost]:
+    """``read_costs`` of rows already read (``last_rows``)."""
+    costs: dict[str, RuleCost] = {}
+    for rel, row, _ in rows:
+        rule = rel.parts[0] if len(rel.parts) > 1 else rel.stem
         c = costs.setdefault(rule, RuleCost())
         wall = _number(row.get("s"))
         c.jobs += 1
@@ -86,44 +96,35 @@ def report(costs: dict[str, RuleCost], cores: int, markdown: bool) -> str:
     return "\n".join(lines)
 
 
-def read_spans(root: Path) -> list[tuple[float, float, str]]:
-    """(start, end, job) per benchmark file: Snakemake writes the file when the job ends, so its
-    modification time is the end and ``end - s`` the start (a copied folder loses this)."""
-    spans = []
-    for tsv in sorted(root.rglob("*.tsv")):
-        with tsv.open(newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-        if rows:
-            end = tsv.stat().st_mtime
-            spans.append((end - _number(rows[-1].get("s")), end, str(tsv.relative_to(root))))
-    return spans
+def spans(rows) -> list[tuple[float, float, str]]:
+    """(start, end, job) per benchmark row (``last_rows``): the file's modification time is the
+    job's end and ``end - s`` its start (a copied folder loses this)."""
+    return [(end - _number(row.get("s")), end, str(rel)) for rel, row, end in rows]
 
 
-def occupancy(spans: list[tuple[float, float, str]], cores: int) -> str:
+def occupancy(jobs: list[tuple[float, float, str]], cores: int) -> str:
     """How full the cores were between the first job's start and the last job's end: the span,
     the core-seconds no benchmarked job held, and the longest stretches with a core free (the
     scheduler's order, the chain of dependent jobs, and the work outside jobs: Snakemake's own
     DAG updates, the installation before the first job)."""
-    if not spans:
+    if not jobs:
         return "no jobs"
-    t0, t1 = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
-    edges = sorted({t for s, e, _ in spans for t in (s, e)})
-    free = []  # (seconds, start, jobs running) of each stretch with fewer jobs than cores
-    for a, b in zip(edges, edges[1:], strict=False):
-        running = sum(1 for s, e, _ in spans if s < b and e > a)
-        if running < cores:
-            free.append((b - a, a, running, cores - running))
-    idle = sum(d * k for d, _, _, k in free)
+    events = sorted([(s, 1) for s, _, _ in jobs] + [(e, -1) for _, e, _ in jobs])
+    t0, t1 = events[0][0], events[-1][0]
+    idle, running = 0.0, 0
+    stretches: list[list[float]] = []  # [start, seconds] of each run of time with a core free
+    for (t, step), (nxt, _) in zip(events, events[1:], strict=False):
+        running += step
+        if nxt > t and running < cores:
+            idle += (nxt - t) * (cores - running)
+            if stretches and abs(sum(stretches[-1]) - t) < 1e-6:
+                stretches[-1][1] += nxt - t
+            else:
+                stretches.append([t, nxt - t])
     lines = [f"span {(t1 - t0) / 60:.1f} minutes from the first job's start to the last one's end; "
              f"{idle:.0f} core-seconds of it ({idle / ((t1 - t0) * cores):.0%}) held no job"]
-    merged: list[list[float]] = []  # consecutive stretches with a free core, joined
-    for d, a, _, _ in sorted(free, key=lambda f: f[1]):
-        if merged and abs(merged[-1][0] + merged[-1][1] - a) < 1e-6:
-            merged[-1][1] += d
-        else:
-            merged.append([a, d])
-    for a, d in sorted(merged, key=lambda m: -m[1])[:5]:
-        during = sorted(n for s, e, n in spans if s < a + d and e > a)
+    for a, d in sorted(stretches, key=lambda m: -m[1])[:5]:
+        during = sorted(n for s, e, n in jobs if s < a + d and e > a)
         lines.append(f"  a core free for {d:.0f} s from minute {(a - t0) / 60:.1f}; running: "
                      + (", ".join(during[:3]) + (" …" if len(during) > 3 else "") or "nothing"))
     return "\n".join(lines)
@@ -137,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not a.root.is_dir():
         ap.error(f"{a.root} is not a folder: give a run's results/benchmarks")
-    costs = read_costs(a.root)
-    if not costs:
+    rows = list(last_rows(a.root))
+    if not rows:
         ap.error(f"{a.root} holds no benchmark files (*.tsv): has the workflow run there?")
-    print(report(costs, a.cores, a.markdown))
+    print(report(costs_of(rows), a.cores, a.markdown))
     print()
-    print(occupancy(read_spans(a.root), a.cores))
+    print(occupancy(spans(rows), a.cores))
     return 0
 
 

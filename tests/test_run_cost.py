@@ -27,7 +27,7 @@ def test_occupancy_counts_the_core_seconds_no_job_held(tmp_path):
     _bench(tmp_path / "tables.tsv", 10, 9, 1210)
     costs = run_cost.read_costs(tmp_path)
     assert costs["train_model"].cpu == 95 and costs["tables"].jobs == 1
-    spans = run_cost.read_spans(tmp_path)
+    spans = run_cost.spans(run_cost.last_rows(tmp_path))
     assert sorted(round(s) for s, _, _ in spans) == [1000, 1050, 1200]
     text = run_cost.occupancy(spans, cores=2)
     # idle: 0-50 one core (50), 100-150 one core (50), 150-200 both (100), 200-210 one (10)

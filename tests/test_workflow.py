@@ -395,16 +395,9 @@ def test_training_starts_with_the_longest_chain_of_training_steps(tmp_path):
     """The default zoo's dry run: every training job outranks every other job, and of the
     trainings `clean-a` (3,000 steps, then the 3,000 of a BadDiffusion row that fine-tunes it)
     comes first, the 3,000-step rows before the shorter attacks, the 1,000-step rows last."""
-    import re
+    from workflow_helpers import planned_priorities
 
-    wd = workdir_copy(tmp_path)
-    proc = run_snakemake(wd, "-n", timeout=600)
-    prio: dict[tuple[str, str], float] = {}
-    for rule, body in re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):\n((?:    .*(?:\n|$))*)",
-                                 proc.stdout + proc.stderr, re.M):
-        wc = re.search(r"^\s+wildcards: (.*)$", body, re.M)
-        pr = re.search(r"^\s+priority: ([\d.]+)$", body, re.M)
-        prio[(rule, wc.group(1).strip() if wc else "")] = float(pr.group(1)) if pr else 0.0
+    prio = planned_priorities(workdir_copy(tmp_path))
     train = {k[1].removeprefix("model="): v for k, v in prio.items()
              if k[0] in ("train_model", "train_adaptive")}
     assert len(train) == 8, train

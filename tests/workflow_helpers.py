@@ -50,6 +50,18 @@ def planned_jobs(workdir: Path, *args: str) -> set[tuple[str, str]]:
     return jobs
 
 
+def planned_priorities(workdir: Path, *args: str) -> dict[tuple[str, str], float]:
+    """The jobs a dry run plans, as in ``planned_jobs``, with the priority Snakemake gives each
+    (0 where it prints none)."""
+    proc = run_snakemake(workdir, "-n", *args, timeout=600)
+    out = {}
+    for rule, body in _JOB.findall(proc.stdout + "\n" + proc.stderr):
+        m = _WILDCARDS.search(body)
+        prio = re.search(r"^\s+priority: ([\d.]+)$", body, re.M)
+        out[(rule, m.group(1).strip() if m else "")] = float(prio.group(1)) if prio else 0.0
+    return out
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes."""
     import hashlib

@@ -113,14 +113,15 @@ def _training_chains():
 
     def chain(model):
         if model not in chains:
-            own = int(MANIFEST.loc[model, "train_steps"]) if model in TRAINED else 0
-            chains[model] = own + max((chain(c) for c in children.get(model, [])), default=0)
+            chains[model] = int(MANIFEST.loc[model, "train_steps"]) + max(
+                (chain(c) for c in children.get(model, [])), default=0)
         return chains[model]
 
     return {m: chain(m) for m in TRAINED}
 
 
 TRAINING_CHAINS = _training_chains()
+LONGEST_TRAINING_CHAIN = max(TRAINING_CHAINS.values(), default=0) or 1
 
 
 def get_train_priority(wildcards):
@@ -128,8 +129,7 @@ def get_train_priority(wildcards):
     trainings the one heading the longest chain of training steps first: a backdoored row
     fine-tunes a clean one, so on 2 cores a long fine-tune started last is waited on at the end.
     Between TRAIN_PRIORITY and TRAIN_PRIORITY + 1, so the order among other rules is unchanged."""
-    longest = max(TRAINING_CHAINS.values(), default=0) or 1
-    return TRAIN_PRIORITY + TRAINING_CHAINS[wildcards.model] / longest
+    return TRAIN_PRIORITY + TRAINING_CHAINS[wildcards.model] / LONGEST_TRAINING_CHAIN
 
 
 def get_train_params(wildcards):
