@@ -472,6 +472,52 @@ def test_exploration_pool_starts_with_the_init_and_is_constant_per_cell():
     assert torch.equal(pool, again)
 
 
+def test_patch_candidates_are_one_cell_at_each_value_and_sign():
+    from diffcleanse.inversion import bbti
+
+    spec = inversion.BBTISpec(explore=1, explore_patches=(1, 2), explore_patch_values=(0.25, 1.0))
+    pool, grids = bbti.patch_candidates(spec, (3, 8, 8))
+    assert pool.shape == (spec.patch_count((3, 8, 8)), 3, 8, 8) == (20, 3, 8, 8)
+    assert spec.patch_count() == 20 and grids == [1] * 4 + [2] * 16
+    # the grid-1 patch is the whole image: +0.25, -0.25, +1, -1
+    assert [float(p.mean()) for p in pool[:4]] == [0.25, -0.25, 1.0, -1.0]
+    for k, p in enumerate(pool[4:]):
+        cell, rest = divmod(k, 4)
+        v = (0.25, -0.25, 1.0, -1.0)[rest]
+        i, j = divmod(cell, 2)
+        block = p[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
+        assert torch.equal(block, torch.full_like(block, v))  # every channel, the whole cell
+        assert float(p.abs().sum()) == pytest.approx(abs(v) * 3 * 16)  # zero elsewhere
+    # a grid finer than the image is capped at one cell per pixel
+    assert inversion.BBTISpec(explore=1, explore_patches=(8,)).patch_count((3, 4, 4)) == 16 * 4
+    # no exploration, no patches
+    assert inversion.BBTISpec(explore=0, explore_patches=(2,)).patch_count() == 0
+
+
+def test_patches_come_after_the_random_pool_and_leave_it_unchanged():
+    from diffcleanse.inversion import bbti
+
+    r0 = torch.randn(1, 3, 8, 8)
+    plain = inversion.BBTISpec(explore=6)
+    with_patches = inversion.BBTISpec(explore=6, explore_patches=(2,))
+    a, ga = bbti.explore_candidates(plain, r0, torch.Generator().manual_seed(3))
+    b, gb = bbti.explore_candidates(with_patches, r0, torch.Generator().manual_seed(3))
+    assert len(b) == 6 + with_patches.patch_count() == 6 + 16
+    assert torch.equal(a, b[:6]) and ga == gb[:6] and gb[6:] == [2] * 16
+    assert torch.equal(b[6:], bbti.patch_candidates(with_patches, (3, 8, 8))[0])
+    assert inversion.BBTI().budget(with_patches) == with_patches.max_iters + 22
+
+
+def test_patch_settings_are_checked():
+    for bad, match in (({"explore_patches": [0]}, "explore_patches"),
+                       ({"explore_patches": [2], "explore_patch_values": []},
+                        "explore_patch_values"),
+                       ({"explore_patches": [2], "explore_patch_values": [-0.5]},
+                        "explore_patch_values")):
+        with pytest.raises(ValueError, match=match):
+            inversion.BBTISpec(**bad)
+
+
 def test_exploration_samples_its_pool_then_starts_from_the_best(tiny_zoo):
     res = _invert(tiny_zoo["clean"], 0.9, max_iters=2, batch_size=4, explore=3,
                   early_stop=False)
@@ -481,6 +527,17 @@ def test_exploration_samples_its_pool_then_starts_from_the_best(tiny_zoo):
     assert res.details["explore_candidates"] == 3
     best = min(rows[:3], key=lambda r: (-r["mscr"], r["loss"]))
     assert rows[3]["trigger_norm"] == pytest.approx(best["trigger_norm"], rel=1e-5)
+
+
+def test_patch_candidates_are_sampled_after_the_random_ones_and_marked(tiny_zoo):
+    res = _invert(tiny_zoo["clean"], 0.9, max_iters=1, batch_size=4, explore=2,
+                  explore_patches=(1,), explore_patch_values=(0.5,), early_stop=False)
+    explore = [r for r in res.history if r.get("phase") == "explore"]
+    assert [r["candidate"] for r in explore] == [0, 1, 2, 3]
+    assert [bool(r.get("patch")) for r in explore] == [False, False, True, True]
+    assert res.details["explore_candidates"] == 4 and res.unet_rows == (4 + 1) * 50 * 4
+    # the whole-image patches of ±0.5 over 3 x 8 x 8 values
+    assert [r["trigger_norm"] for r in explore[2:]] == pytest.approx([0.5 * 192 ** 0.5] * 2)
 
 
 def test_a_candidate_that_reaches_kappa_d_flags_before_any_step(tiny_zoo):

@@ -48,7 +48,7 @@ def test_stage1_bbti_is_the_papers(merged):
     assert bbti["gradient"] == "blackbox"
     assert bbti["init_scale"] == 1.0 and bbti["trigger_bound"] is None  # r ~ N(0, 1)
     assert bbti["max_iters"] == 100 and bbti["restarts"] == 1 and bbti["lr"] == 0.1
-    assert bbti["explore"] == 0  # Algorithm 1 starts from one r ~ N(0, 1)
+    assert bbti["explore"] == 0 and bbti["explore_patches"] == []  # one r ~ N(0, 1)
     assert bbti["entropy_loss"] is True and bbti["range_loss"] is False
     assert bbti["early_stop"] is True
     assert det["encoder"] == "clip" and det["clip_model"] == "ViT-B-32"
@@ -135,7 +135,8 @@ def test_every_paper_key_differs_from_the_cpu_default_only_through_paper_yaml():
     is not the paper's and check paper.yaml sets each of them."""
     paper = yaml.safe_load((REPO / "config/paper.yaml").read_text())
     for path in ["inversion.batch_size", "inversion.bbti.gradient", "inversion.bbti.max_iters",
-                 "inversion.bbti.restarts", "inversion.bbti.explore", "inversion.bbti.init_scale",
+                 "inversion.bbti.restarts", "inversion.bbti.explore",
+                 "inversion.bbti.explore_patches", "inversion.bbti.init_scale",
                  "inversion.bbti.range_loss", "detection.encoder", "detection.target_kind",
                  "removal.ratios.diffpruning", "removal.importance.normaliser",
                  "removal.synthetic_scale", "removal.finetune.epochs", "removal.finetune.lr",

@@ -43,7 +43,7 @@ def test_scan_writes_trigger_grid_and_record(tiny_zoo, tmp_path, capsys):
 def test_scan_resumes_an_interrupted_run_to_the_same_result(tiny_zoo, tmp_path, monkeypatch,
                                                             capsys):
     args = ["--max-iters", "6", "--restarts", "2", "--batch-size", "4", "--threads", "1",
-            "--seed", "3", "--explore", "3"]
+            "--seed", "3", "--explore", "3", "--explore-patches"]  # no patch candidates
     ref = tmp_path / "ref"
     assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(ref), *args]) in (0, 1)
     real = scan._progress

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "U(-1, 1)) before the first step and start from the best; one that "
                          "reaches kappa_d flags at once (default 24, or the --config's; 0: "
                          "the paper's Algorithm 1 alone; docs/detection.md)")
+    bb.add_argument("--explore-patches", type=int, nargs="*", default=None, metavar="G",
+                    help="after the random triggers, try one cell of each G x G grid at a time "
+                         "at ±0.25 and ±0.5 (default 2, or the --config's; none given: no "
+                         "patches; they run only with --explore > 0; docs/detection.md)")
     bb.add_argument("--no-entropy-loss", action="store_true", help="ℓ_s alone (ablation)")
     scan.add_argument("--config", default=None, metavar="YAML",
                       help="take the inversion: and detection: settings of a workflow config "
@@ -179,7 +183,8 @@ def _scan(args: argparse.Namespace, started: float) -> int:
     bbti = {k: v for k, v in {"gradient": args.gradient, "max_iters": args.max_iters,
                               "whitebox_steps": args.whitebox_steps,
                               "init_scale": args.init_scale, "restarts": args.restarts,
-                              "explore": args.explore}.items()
+                              "explore": args.explore,
+                              "explore_patches": args.explore_patches}.items()
             if v is not None}
     if args.no_entropy_loss:
         bbti["entropy_loss"] = False

@@ -35,10 +35,11 @@ SCAN_FILES = {"trigger": "trigger.safetensors", "trigger_png": "trigger.png",
               "record": "record.json"}
 # the paper's protocol (Appendix D) for BBTI; the library defaults are the paper's already
 PAPER_BATCH_BY_SIZE = {32: 100, 64: 50, 256: 20}
-# ... with one departure when no config is given: BBTI first samples 24 coarse random triggers
-# (inversion.bbti.explore; docs/detection.md: the paper's Algorithm 1 alone missed every
-# BadDiffusion backdoor of both zoos, the exploration flagged them; --explore 0 is the paper's)
-SCAN_BBTI_DEFAULTS = {"explore": 24}
+# ... with one departure when no config is given: BBTI first samples 24 coarse random triggers,
+# then 16 patches (one cell of a 2 x 2 grid at ±0.25, ±0.5) (inversion.bbti.explore,
+# explore_patches; docs/detection.md: the paper's Algorithm 1 alone missed every BadDiffusion
+# backdoor of both zoos, the exploration flagged them; --explore 0 is the paper's)
+SCAN_BBTI_DEFAULTS = {"explore": 24, "explore_patches": [2]}
 
 
 class ScanError(ValueError):

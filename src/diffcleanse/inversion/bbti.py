@@ -40,6 +40,11 @@ channel (``rgb``) as ``explore_colours`` alternate, nearest-upsampled. A candida
 reaches κ_d flags the start (Algorithm 1's stop, on the same batch); otherwise the start's Adam
 iterations begin at the best candidate (highest MSCR, then lowest loss). The backdoors of both
 zoos answer coarse shifts that the gradients do not find (docs/detection.md, measured).
+After the random candidates come the *patch* candidates (``explore_patches``: grids, cells per
+side; ``()`` none): one cell of a coarse grid set to ±v for each v of ``explore_patch_values``,
+zero elsewhere, every cell in turn: a local patch of a few amplitudes, which is what a patch
+trigger's coarse average is and what a random candidate, non-zero in every cell, almost never
+is. They come last, so a model a random candidate flags is flagged exactly as without them.
 
 **Restarts in one batch.** ``restarts`` independent starts (each its own trigger and Adam) share
 ``max_iters`` evenly. With ``batched: true`` (the default) they run side by side as one batch of
@@ -99,12 +104,18 @@ class BBTISpec:
     explore_resolutions: tuple[int, ...] = (1, 2, 4)  # their grid cells per side, in turn
     explore_colours: tuple[str, ...] = ("grey", "rgb")  # grey: one value per cell for every
     # channel; rgb: one per cell and channel; in turn (module doc)
+    explore_patches: tuple[int, ...] = ()  # grids whose single cells the pool also tries, after
+    # the random candidates (module doc; () : none, the paper's and the scan's --explore 0)
+    explore_patch_values: tuple[float, ...] = (0.25, 0.5)  # each patch's grey values, ± each
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "zo_resolutions", tuple(int(v) for v in self.zo_resolutions))
         object.__setattr__(self, "explore_resolutions",
                            tuple(int(v) for v in self.explore_resolutions))
         object.__setattr__(self, "explore_colours", tuple(self.explore_colours))
+        object.__setattr__(self, "explore_patches", tuple(int(v) for v in self.explore_patches))
+        object.__setattr__(self, "explore_patch_values",
+                           tuple(float(v) for v in self.explore_patch_values))
         if self.gradient not in GRADIENTS:
             raise ValueError(f"inversion.bbti.gradient {self.gradient!r}: use one of "
                              f"{', '.join(GRADIENTS)}")
@@ -136,11 +147,29 @@ class BBTISpec:
         if not self.explore_colours or set(self.explore_colours) - set(EXPLORE_COLOURS):
             raise ValueError(f"inversion.bbti.explore_colours {list(self.explore_colours)}: list "
                              f"one or more of {', '.join(EXPLORE_COLOURS)}")
+        if self.explore_patches and min(self.explore_patches) < 1:
+            raise ValueError("inversion.bbti.explore_patches must list grid sizes of at least 1 "
+                             f"(or be empty), got {list(self.explore_patches)}")
+        if self.explore_patches and (not self.explore_patch_values
+                                     or not min(self.explore_patch_values) > 0):
+            raise ValueError("inversion.bbti.explore_patch_values must list positive values (each "
+                             f"is tried with both signs), got {list(self.explore_patch_values)}")
 
     def zo_resolution(self, iteration: int) -> int:
         """Grid cells per side of the zeroth-order directions at a start's ``iteration``."""
         return self.zo_resolutions[min(iteration // self.zo_stage_iters,
                                        len(self.zo_resolutions) - 1)]
+
+    def patch_count(self, shape: tuple[int, int, int] | None = None) -> int:
+        """Patch candidates each start's pool holds for an input of ``shape`` (C, H, W; None:
+        one at least as large as every grid)."""
+        if not self.explore:
+            return 0
+        h = w = max(self.explore_patches, default=0) if shape is None else 0
+        if shape is not None:
+            _, h, w = shape
+        cells = sum(min(g, h) * min(g, w) for g in self.explore_patches)
+        return cells * len(self.explore_patch_values) * 2
 
     @property
     def per_start(self) -> int:
@@ -186,13 +215,36 @@ def coarse_directions(spec: BBTISpec, shape: tuple[int, int, int], iteration: in
     return torch.nn.functional.interpolate(u, size=(h, w), mode="nearest")
 
 
+def patch_candidates(spec: BBTISpec, shape: tuple[int, int, int]
+                     ) -> tuple[torch.Tensor, list[int]]:
+    """The pool's patch candidates, (``spec.patch_count(shape)``, C, H, W), and their grid sizes:
+    for each grid of ``explore_patches`` (cells per side), each cell in row-major order, each
+    value v of ``explore_patch_values``: +v, then −v, on that cell for every channel, zero
+    elsewhere (nearest-upsampled). Deterministic: the same for every start and seed."""
+    c, h, w = shape
+    out, grids = [], []
+    for g in spec.explore_patches:
+        gh, gw = min(g, h), min(g, w)
+        for cell in range(gh * gw):
+            for v in spec.explore_patch_values:
+                for sign in (1.0, -1.0):
+                    u = torch.zeros((1, 1, gh, gw))
+                    u.view(-1)[cell] = sign * v
+                    out.append(torch.nn.functional.interpolate(u, size=(h, w), mode="nearest")
+                               .expand(1, c, h, w))
+                    grids.append(g)
+    return (torch.cat(out) if out else torch.zeros((0, c, h, w))), grids
+
+
 def explore_candidates(spec: BBTISpec, r0: torch.Tensor, generator: torch.Generator
                        ) -> tuple[torch.Tensor, list[int]]:
-    """A start's exploration pool, (``spec.explore``, C, H, W), and each candidate's grid size:
-    its initial trigger ``r0`` (1, C, H, W) first (grid 0: per pixel), then values drawn
-    U(−``explore_scale``, ``explore_scale``) on grids of ``explore_resolutions[i]`` cells per side
-    in turn, one value per cell for all channels (``grey``) or per cell and channel (``rgb``) as
-    ``explore_colours`` alternate, nearest-upsampled and kept inside the trigger bound."""
+    """A start's exploration pool, (``spec.explore`` + ``spec.patch_count``, C, H, W), and each
+    candidate's grid size: its initial trigger ``r0`` (1, C, H, W) first (grid 0: per pixel),
+    then values drawn U(−``explore_scale``, ``explore_scale``) on grids of
+    ``explore_resolutions[i]`` cells per side in turn, one value per cell for all channels
+    (``grey``) or per cell and channel (``rgb``) as ``explore_colours`` alternate,
+    nearest-upsampled; then the patch candidates (``patch_candidates``); all kept inside the
+    trigger bound."""
     _, c, h, w = r0.shape
     out, grids = [r0.cpu()], [0]
     for i in range(spec.explore - 1):
@@ -203,7 +255,9 @@ def explore_candidates(spec: BBTISpec, r0: torch.Tensor, generator: torch.Genera
         out.append(torch.nn.functional.interpolate(spec.explore_scale * u, size=(h, w),
                                                    mode="nearest"))
         grids.append(cells)
-    pool = torch.cat(out)
+    patches, patch_grids = patch_candidates(spec, (c, h, w))
+    pool = torch.cat([*out, patches])
+    grids += patch_grids
     if spec.trigger_bound is not None:
         pool = pool.clamp(-spec.trigger_bound, spec.trigger_bound)
     return pool, grids
@@ -259,7 +313,7 @@ class BBTI(InversionMethod):
     model_types = ("ddpm", "ncsn", "ldm")
 
     def budget(self, spec: BBTISpec) -> int:
-        return spec.max_iters + spec.restarts * spec.explore
+        return spec.max_iters + spec.restarts * (spec.explore + spec.patch_count())
 
     def invert(self, ctx: Context, spec: BBTISpec) -> MethodResult:
         if ctx.encoder is None:
@@ -428,6 +482,8 @@ class _Run:
                     row = {"phase": "explore", "iteration": s.index * spec.per_start,
                            "start": s.index, "candidate": i, "grid": grids[i], "mscr": score,
                            "loss": float(loss), "trigger_norm": float(pool[i].norm())}
+                    if i >= spec.explore:
+                        row["patch"] = True
                     self.rows.append(row)
                     ctx.report(row)
                     self.best = _better(self.best, (score, s.index, -1, pool[i:i + 1].clone(),
