@@ -92,7 +92,11 @@ def test_scan_verbose_prints_every_iteration(tiny_zoo, tmp_path, capsys):
     assert cli.main(["scan", str(tiny_zoo["clean"]), "--out", str(out), "--verbose",
                      *FAST]) in (0, 1)
     text = capsys.readouterr().out
-    assert "[bbti] start 0 iteration 0/2" in text and "[bbti] start 0 iteration 1/2" in text
+    # 24 random and 16 patch candidates (the scan's defaults), then the 2 iterations: 42 rounds
+    assert "[bbti] start 0 candidate 0 (grid 0) [1/42]" in text
+    assert "[bbti] start 0 patch candidate 24 (grid 2) [25/42]" in text
+    assert "[bbti] start 0 iteration 0 [41/42]" in text
+    assert "[bbti] start 0 iteration 1 [42/42]" in text
 
 
 def test_scan_bad_restarts_names_the_flag_and_the_key(tiny_zoo, tmp_path, capsys):

@@ -146,21 +146,26 @@ def state_dir_for(out_dir: Path) -> Path:
 
 
 def _progress(method: str, verbose: bool, total: int | None):
-    """A progress callback: a tqdm bar on stderr, or one printed line per iteration."""
+    """A progress callback: a tqdm bar on stderr, or one printed line per iteration or
+    exploration candidate, each with its place in the method's budget (``total`` sampling
+    rounds: candidates and iterations together)."""
     if not verbose:
         return True  # run_method's own tqdm bar
     t0 = time.time()
+    done = {"n": 0}
 
     def report(row: dict[str, Any]) -> None:
+        done["n"] += 1
         extra = " ".join(f"{k} {row[k]:.4g}" for k in ("mscr", "loss", "trigger_norm")
                          if isinstance(row.get(k), float))
         start = f"start {row['start']} " if "start" in row else ""
         if row.get("phase") == "explore":
-            where = f"candidate {row['candidate']} (grid {row['grid']})"
+            kind = "patch candidate" if row.get("patch") else "candidate"
+            where = f"{kind} {row['candidate']} (grid {row['grid']})"
         else:
-            it = row.get("iteration", row.get("epoch", "?"))
-            where = f"iteration {it}{'/' + str(total) if total else ''}"
-        print(f"  [{method}] {start}{where}: {extra} ({time.time() - t0:.0f} s)", flush=True)
+            where = f"iteration {row.get('iteration', row.get('epoch', '?'))}"
+        of = f" [{done['n']}/{total}]" if total else ""
+        print(f"  [{method}] {start}{where}{of}: {extra} ({time.time() - t0:.0f} s)", flush=True)
 
     return report
 
