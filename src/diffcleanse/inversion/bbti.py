@@ -105,7 +105,7 @@ class BBTISpec:
     explore_colours: tuple[str, ...] = ("grey", "rgb")  # grey: one value per cell for every
     # channel; rgb: one per cell and channel; in turn (module doc)
     explore_patches: tuple[int, ...] = ()  # grids whose single cells the pool also tries, after
-    # the random candidates (module doc; () : none, the paper's and the scan's --explore 0)
+    # the random candidates (module doc; empty: none, as in the paper)
     explore_patch_values: tuple[float, ...] = (0.25, 0.5)  # each patch's grey values, ± each
 
     def __post_init__(self) -> None:
@@ -165,10 +165,8 @@ class BBTISpec:
         one at least as large as every grid)."""
         if not self.explore:
             return 0
-        h = w = max(self.explore_patches, default=0) if shape is None else 0
-        if shape is not None:
-            _, h, w = shape
-        cells = sum(min(g, h) * min(g, w) for g in self.explore_patches)
+        cells = sum(g * g if shape is None else min(g, shape[1]) * min(g, shape[2])
+                    for g in self.explore_patches)
         return cells * len(self.explore_patch_values) * 2
 
     @property
