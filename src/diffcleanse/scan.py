@@ -17,6 +17,7 @@ again with the same settings resumes from its last iteration (BBTI) and skips fi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
@@ -152,10 +153,10 @@ def _progress(method: str, verbose: bool, total: int | None):
     if not verbose:
         return True  # run_method's own tqdm bar
     t0 = time.time()
-    done = {"n": 0}
+    rounds = itertools.count(1)
 
     def report(row: dict[str, Any]) -> None:
-        done["n"] += 1
+        n = next(rounds)
         extra = " ".join(f"{k} {row[k]:.4g}" for k in ("mscr", "loss", "trigger_norm")
                          if isinstance(row.get(k), float))
         start = f"start {row['start']} " if "start" in row else ""
@@ -164,7 +165,7 @@ def _progress(method: str, verbose: bool, total: int | None):
             where = f"{kind} {row['candidate']} (grid {row['grid']})"
         else:
             where = f"iteration {row.get('iteration', row.get('epoch', '?'))}"
-        of = f" [{done['n']}/{total}]" if total else ""
+        of = f" [{n}/{total}]" if total else ""
         print(f"  [{method}] {start}{where}{of}: {extra} ({time.time() - t0:.0f} s)", flush=True)
 
     return report
